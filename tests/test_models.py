@@ -1,0 +1,113 @@
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pollen.config import ModelConfig
+from pollen.data import load_dataset
+from pollen.models import (
+    Int8Weight,
+    build_model,
+    load_model,
+    load_trainable,
+    quantizable_layers,
+    resident_bytes,
+    trainable_arrays,
+)
+
+TINY = ModelConfig(name="tiny-cnn", trainable="lora", image_size=8)
+
+
+def test_quantizable_layers_are_linear_maps_only():
+    names = quantizable_layers(build_model(dataclasses.replace(TINY, trainable="head", quantize="none"), 10))
+    assert names == ["features.2", "features.6", "head"]  # 1x1 conv and linears, not the 3x3 conv
+
+
+def test_int8_weight_stores_int8_and_reconstructs_within_half_a_step():
+    layer = nn.Linear(64, 32)
+    original = layer.weight.detach().clone()
+    layer.weight.requires_grad_(False)
+    torch.nn.utils.parametrize.register_parametrization(layer, "weight", Int8Weight(), unsafe=True)
+    stored, scale = layer.parametrizations.weight.original0, layer.parametrizations.weight.original1
+    assert stored.dtype == torch.int8 and scale.shape[0] == 32
+    step = original.abs().amax(dim=1, keepdim=True) / 127
+    assert torch.all((layer.weight - original).abs() <= step * 0.51 + 1e-7)
+
+
+def test_trainable_parts_follow_the_mode():
+    head = build_model(dataclasses.replace(TINY, trainable="head"), 10)
+    lora = build_model(TINY, 10)
+    full = build_model(dataclasses.replace(TINY, trainable="full", quantize="none"), 10)
+    assert set(trainable_arrays(head)) == {"head.weight", "head.bias"}
+    lora_names = set(trainable_arrays(lora))
+    assert {"head.weight", "head.bias"} < lora_names
+    assert all("lora_" in n or n.startswith("head.") for n in lora_names)
+    assert len(trainable_arrays(full)) == len(list(full.parameters()))
+
+
+def test_initial_trainable_arrays_depend_on_seed_but_base_does_not():
+    a, b, c = (build_model(TINY, 10, seed=s) for s in (0, 0, 1))
+    assert all(np.array_equal(x, y) for x, y in zip(trainable_arrays(a).values(), trainable_arrays(b).values()))
+    assert not np.array_equal(trainable_arrays(a)["head.weight"], trainable_arrays(c)["head.weight"])
+    x = torch.randn(4, 3, 8, 8)
+    assert torch.equal(a.features(x), c.features(x))
+
+
+def test_load_trainable_round_trip_and_rejects_mismatch():
+    model = build_model(TINY, 10)
+    arrays = {k: np.full_like(v, 0.5) for k, v in trainable_arrays(model).items()}
+    load_trainable(model, arrays)
+    assert all(np.all(v == 0.5) for v in trainable_arrays(model).values())
+    with pytest.raises(ValueError, match="missing"):
+        load_trainable(model, {"head.weight": arrays["head.weight"]})
+    bad = dict(arrays, **{"head.bias": np.zeros(3, np.float32)})
+    with pytest.raises(ValueError, match="shape"):
+        load_trainable(model, bad)
+
+
+def test_load_model_is_cached_per_process():
+    assert load_model(TINY, 10) is load_model(TINY, 10)
+
+
+@pytest.fixture(scope="module")
+def mnist_batch():
+    _, test = load_dataset("mnist5k", 64, 1000, 0)
+    return test.images[:32], test.labels[:32]
+
+
+@pytest.fixture(scope="module")
+def efficientnets():
+    config = ModelConfig(trainable="lora", image_size=64)
+    return (build_model(dataclasses.replace(config, quantize="none"), 10),
+            build_model(config, 10))
+
+
+def test_int8_efficientnet_is_smaller_and_close_to_fp32(efficientnets, mnist_batch):
+    fp32, int8 = efficientnets
+    assert resident_bytes(int8) < 0.4 * resident_bytes(fp32)
+    quantized = [m for m in int8.modules() if torch.nn.utils.parametrize.is_parametrized(m, "weight")]
+    assert len(quantized) == 32  # EfficientNet-Lite0's pointwise convolutions; not the new head
+    images, _ = mnist_batch
+    with torch.no_grad():
+        a = fp32.extract_features(images).mean(dim=(2, 3))
+        b = int8.extract_features(images).mean(dim=(2, 3))
+    assert F.cosine_similarity(a, b).mean() > 0.98
+
+
+def test_gradients_reach_lora_and_head_through_int8_base(efficientnets, mnist_batch):
+    _, model = efficientnets
+    images, labels = mnist_batch
+    # LoRA B starts at zero, so give it a value for A to receive a gradient too.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.01)
+    model.zero_grad()
+    F.cross_entropy(model(images[:8]), labels[:8]).backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert all(g is not None and g.abs().sum() > 0 for g in grads.values())
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    assert frozen and all(p.grad is None for p in frozen)
