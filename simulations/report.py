@@ -23,10 +23,13 @@ def cumulative_uplink_mb(records: list[RoundRecord]) -> list[float]:
     return out
 
 
+COLUMNS = ("round", "acc", "loss", "F1", "train", "clients", "up KB", "down KB", "ratio", "s")
+
+
 def round_table(records: list[RoundRecord], title: str = "Rounds") -> Table:
+    """Accuracy, loss and macro F1 on the held-out split; train = clients' mean loss."""
     table = Table(title=title)
-    for column in ("round", "accuracy", "loss", "macro F1", "train loss", "clients",
-                   "uplink KB", "downlink KB", "ratio", "seconds"):
+    for column in COLUMNS:
         table.add_column(column, justify="right")
     for entry in records:
         table.add_row(*round_row(entry))
@@ -42,7 +45,7 @@ def round_row(entry: RoundRecord) -> list[str]:
         "-" if entry.train_loss is None else f"{entry.train_loss:.4f}",
         f"{entry.clients}" + (f" (-{entry.rejected + entry.failed})" if entry.rejected + entry.failed else ""),
         f"{entry.uplink_bytes / 1e3:.1f}",
-        f"{entry.downlink_bytes / 1e3:.1f}",
+        f"{entry.downlink_bytes / 1e3:.0f}",
         "-" if entry.compression is None else f"{entry.compression:.0f}x",
         f"{entry.round_seconds:.1f}",
     ]
@@ -50,9 +53,7 @@ def round_row(entry: RoundRecord) -> list[str]:
 
 def round_line(entry: RoundRecord) -> str:
     """One finished round as a line for the live log."""
-    cells = dict(zip(("round", "acc", "loss", "f1", "train", "clients", "up KB", "down KB", "ratio", "s"),
-                     round_row(entry)))
-    return "  ".join(f"{key} {value}" for key, value in cells.items())
+    return "  ".join(f"{key} {value}" for key, value in zip(COLUMNS, round_row(entry)))
 
 
 def plot_run(records: list[RoundRecord], path: Path, label: str = "run") -> Path:

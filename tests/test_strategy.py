@@ -1,0 +1,104 @@
+import logging
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore.task_identity import TaskIdentity
+
+from pollen.codec import Identity, TopK, encode, wire_bytes
+from strategies import STRATEGIES, CompressedUpdates, make_strategy
+
+rng = np.random.default_rng(0)
+GLOBAL = {"w": rng.normal(size=(20, 30)).astype(np.float32), "b": rng.normal(size=(30,)).astype(np.float32)}
+
+
+class FixedGrid:
+    """Just enough of a Grid for configure_train: a fixed set of node ids."""
+
+    def get_node_ids(self):
+        return [1, 2, 3]
+
+
+def make_reply(instruction: Message, arrays: ArrayRecord, metrics: dict) -> Message:
+    return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=instruction)
+
+
+def metrics(n):
+    return {"num-examples": n, "train-loss": 1.0, "train-seconds": 0.1}
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+
+
+def configure(strategy):
+    record = ArrayRecord({k: Array(v) for k, v in GLOBAL.items()})
+    return record, list(strategy.configure_train(1, record, ConfigRecord({"lr": 0.1}), FixedGrid()))
+
+
+def test_registry_rejects_unknown_names():
+    assert "fedavg" in STRATEGIES
+    with pytest.raises(ValueError, match="unknown strategy 'fedsomething'"):
+        make_strategy("fedsomething", Identity())
+
+
+def test_codec_settings_travel_with_the_train_config():
+    strategy = make_strategy("fedavg", TopK(0.05, 4), min_available_nodes=3, min_train_nodes=3)
+    _, messages = configure(strategy)
+    config = messages[0].content["config"]
+    assert (config["codec.name"], config["codec.density"], config["codec.bits"]) == ("topk", 0.05, 4)
+    assert config["lr"] == 0.1
+    assert strategy.traffic[1].downlink == 3 * wire_bytes(messages[0].content["arrays"])
+
+
+def test_identity_updates_aggregate_exactly_like_flower_fedavg():
+    strategy = make_strategy("fedavg", Identity(), min_available_nodes=3, min_train_nodes=3)
+    record, messages = configure(strategy)
+    deltas = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in GLOBAL.items()} for _ in messages]
+    sizes = [10, 30, 60]
+    replies = [make_reply(m, encode(d, Identity()), metrics(n)) for m, d, n in zip(messages, deltas, sizes)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+
+    plain = FedAvg(min_available_nodes=3, min_train_nodes=3)
+    dense = [make_reply(m, ArrayRecord({k: Array(GLOBAL[k] + d[k]) for k in GLOBAL}), metrics(n))
+             for m, d, n in zip(messages, deltas, sizes)]
+    expected, _ = plain.aggregate_train(1, dense)
+    for name in GLOBAL:
+        np.testing.assert_allclose(arrays[name].numpy(), expected[name].numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_bad_replies_are_dropped_and_logged_and_the_round_goes_on(caplog):
+    strategy = make_strategy("fedavg", TopK(0.1), min_available_nodes=3, min_train_nodes=3)
+    record, messages = configure(strategy)
+    delta = {k: np.ones_like(v) for k, v in GLOBAL.items()}
+    good = make_reply(messages[0], encode(delta, TopK(0.1)), metrics(10))
+    corrupt = encode(delta, TopK(0.1))
+    blob = corrupt["update"]
+    corrupt = ArrayRecord({"update": Array(dtype=blob.dtype, shape=blob.shape, stype=blob.stype,
+                                           data=b"XXXX" + blob.data[4:])})
+    bad_payload = make_reply(messages[1], corrupt, metrics(10))
+    bad_metrics = make_reply(messages[2], encode(delta, TopK(0.1)), {"num-examples": 0, "train-loss": 1.0,
+                                                                      "train-seconds": 0.1})
+    with caplog.at_level(logging.WARNING):
+        arrays, _ = strategy.aggregate_train(1, [good, bad_payload, bad_metrics])
+    traffic = strategy.traffic[1]
+    assert (traffic.accepted, traffic.rejected) == (1, 2)
+    assert "magic" in caplog.text and "num-examples" in caplog.text
+    # Only the good update counted: the new global is global + its decoded delta.
+    assert arrays is not None
+    assert not np.allclose(arrays["w"].numpy(), GLOBAL["w"])
+
+
+def test_error_replies_are_counted_and_skipped():
+    strategy = make_strategy("fedavg", Identity(), min_available_nodes=3, min_train_nodes=3)
+    _, messages = configure(strategy)
+    failed = Message(Error(code=0, reason="boom"), reply_to=messages[0])
+    arrays, _ = strategy.aggregate_train(1, [failed])
+    assert arrays is None and strategy.traffic[1].failed == 1
+
+
+def test_wrapper_accepts_any_flower_strategy_instance():
+    wrapped = CompressedUpdates(FedAvg(fraction_train=0.5), TopK())
+    assert wrapped.inner.fraction_train == 0.5
