@@ -77,12 +77,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
-    logging.getLogger("flwr").setLevel(logging.ERROR)
     torch.set_num_threads(os.cpu_count() or 1)
     config = load_config(None, args.overrides)
-    compressed = federated(config, f"topk density={config.codec.density} bits={config.codec.bits}")
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    compressed = federated(config, f"topk density={config.codec.density} bits={config.codec.bits}, "
+                                   f"{config.federation.strategy}")
     dense = federated(dataclasses.replace(config, codec=dataclasses.replace(config.codec, name="identity")),
                       "identity (dense fp32)")
+    plain_mean = federated(
+        dataclasses.replace(config, federation=dataclasses.replace(config.federation, strategy="fedavg")),
+        f"{compressed['label']}, Flower FedAvg (plain mean)")
     fp32_model = build_model(dataclasses.replace(config.model, quantize="none"), 10)
     int8_model = build_model(config.model, 10)
     result = {
@@ -90,6 +94,7 @@ def main() -> None:
                    "train": dataclasses.asdict(config.train), "codec": dataclasses.asdict(config.codec)},
         "compressed": compressed,
         "dense": dense,
+        "compressed_plain_fedavg": plain_mean,
         "accuracy_gap_points": round(100 * (dense["final_accuracy"] - compressed["final_accuracy"]), 2),
         "centralized": centralized(config),
         "resident_model_bytes": {"fp32": resident_bytes(fp32_model), "int8_base": resident_bytes(int8_model),

@@ -62,7 +62,7 @@ class DataConfig:
 class TrainConfig:
     """Local training on each client, sent with every round's train message."""
 
-    local_epochs: int = 1
+    local_epochs: int = 2
     batch_size: int = 16
     lr: float = 3e-3
     weight_decay: float = 0.0
@@ -79,14 +79,14 @@ class FederationConfig:
     num_clients: int = 100
     clients_per_round: int = 10
     rounds: int = 20
-    strategy: str = "fedavg"
+    strategy: str = "sparse-fedavg"  # or "fedavg" (Flower's, plain mean)
     fraction_evaluate: float = 0.0  # share of clients asked for federated evaluate
 
     def check(self) -> None:
         _at_least("federation.num_clients", self.num_clients, 1)
         _at_least("federation.clients_per_round", self.clients_per_round, 1)
         _at_least("federation.rounds", self.rounds, 1)
-        _one_of("federation.strategy", self.strategy, ("fedavg",))
+        _one_of("federation.strategy", self.strategy, ("fedavg", "sparse-fedavg"))
         if not 0.0 <= self.fraction_evaluate <= 1.0:
             raise ConfigError(
                 f"federation.fraction_evaluate: must be in [0, 1], got {self.fraction_evaluate}"

@@ -6,8 +6,9 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 
 from pollen.codec import Codec
 from strategies.compressed import CompressedUpdates, RoundTraffic
+from strategies.sparse_fedavg import SparseFedAvg
 
-STRATEGIES: dict[str, type[Strategy]] = {"fedavg": FedAvg}
+STRATEGIES: dict[str, type[Strategy]] = {"fedavg": FedAvg, "sparse-fedavg": SparseFedAvg}
 
 
 def make_strategy(name: str, codec: Codec, **settings) -> CompressedUpdates:
@@ -17,4 +18,4 @@ def make_strategy(name: str, codec: Codec, **settings) -> CompressedUpdates:
     return CompressedUpdates(STRATEGIES[name](**settings), codec)
 
 
-__all__ = ["CompressedUpdates", "RoundTraffic", "STRATEGIES", "make_strategy"]
+__all__ = ["CompressedUpdates", "RoundTraffic", "STRATEGIES", "SparseFedAvg", "make_strategy"]

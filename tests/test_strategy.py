@@ -102,3 +102,43 @@ def test_error_replies_are_counted_and_skipped():
 def test_wrapper_accepts_any_flower_strategy_instance():
     wrapped = CompressedUpdates(FedAvg(fraction_train=0.5), TopK())
     assert wrapped.inner.fraction_train == 0.5
+
+
+def sparse_round(codec, deltas, sizes, name="sparse-fedavg"):
+    strategy = make_strategy(name, codec, min_available_nodes=3, min_train_nodes=3)
+    _, messages = configure(strategy)
+    replies = [make_reply(m, encode(d, codec), metrics(n)) for m, d, n in zip(messages, deltas, sizes)]
+    arrays, aggregated = strategy.aggregate_train(1, replies)
+    return {k: arrays[k].numpy() - GLOBAL[k] for k in GLOBAL}, aggregated
+
+
+def test_sparse_fedavg_keeps_the_step_of_a_coordinate_sent_by_one_client():
+    # Three clients, each moving a different single coordinate of "w".
+    deltas = []
+    for i in range(3):
+        delta = {k: np.zeros_like(v) for k, v in GLOBAL.items()}
+        delta["w"][i, i] = 1.0 + i
+        deltas.append(delta)
+    codec = TopK(density=1 / 600)  # one value per tensor
+    sparse, aggregated = sparse_round(codec, deltas, [10, 20, 30])
+    plain, _ = sparse_round(codec, deltas, [10, 20, 30], name="fedavg")
+    for i in range(3):
+        assert sparse["w"][i, i] == pytest.approx(1.0 + i, rel=1e-2)  # not divided by the others
+        assert plain["w"][i, i] == pytest.approx((1.0 + i) * (10 + 10 * i) / 60, rel=1e-2)
+    assert np.count_nonzero(sparse["w"]) == 3 and not sparse["b"].any()
+    assert aggregated["train-loss"] == pytest.approx(1.0)
+
+
+def test_sparse_fedavg_weights_a_shared_coordinate_by_examples():
+    deltas = [{"w": np.zeros((20, 30), np.float32), "b": np.zeros(30, np.float32)} for _ in range(3)]
+    deltas[0]["w"][0, 0], deltas[1]["w"][0, 0] = 1.0, 4.0  # client 2 leaves it unchanged
+    step, _ = sparse_round(Identity(), deltas, [10, 30, 60])
+    assert step["w"][0, 0] == pytest.approx((10 * 1.0 + 30 * 4.0) / 40, rel=1e-5)
+
+
+def test_sparse_fedavg_equals_fedavg_on_dense_updates():
+    deltas = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in GLOBAL.items()} for _ in range(3)]
+    sparse, _ = sparse_round(Identity(), deltas, [5, 10, 20])
+    plain, _ = sparse_round(Identity(), deltas, [5, 10, 20], name="fedavg")
+    for name in GLOBAL:
+        np.testing.assert_allclose(sparse[name], plain[name], rtol=1e-4, atol=1e-5)
