@@ -22,18 +22,14 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+import torch
 
-import torch  # noqa: E402
-
-from client.training import train_locally  # noqa: E402
-from pollen.config import load_config  # noqa: E402
-from pollen.data import load_dataset  # noqa: E402
-from pollen.metrics import evaluate  # noqa: E402
-from pollen.models import build_model, resident_bytes  # noqa: E402
-from simulations.run import simulate  # noqa: E402
+from client.training import train_locally
+from pollen.config import load_config
+from pollen.data import load_dataset
+from pollen.metrics import evaluate
+from pollen.models import build_model, resident_bytes
+from simulations.run import simulate
 
 
 def federated(config, label: str) -> dict:

@@ -34,6 +34,6 @@ class ErrorFeedback:
     def keep(self, update: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray]) -> None:
         """Remember update - sent for the next round."""
         self.state[self.KEY] = ArrayRecord(
-            {name: Array(np.ascontiguousarray(update[name] - sent[name], dtype=np.float32))
+            {name: Array(np.asarray(update[name] - sent[name], dtype=np.float32, order="C"))
              for name in update}
         )

@@ -7,13 +7,7 @@ import logging
 import os
 import sys
 
-# Flower stays offline and quiet: no telemetry, no update check, no dependency installs.
-for _name in ("FLWR_TELEMETRY_ENABLED",):
-    os.environ.setdefault(_name, "0")
-for _name in ("FLWR_DISABLE_UPDATE_CHECK", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"):
-    os.environ.setdefault(_name, "1")
-
-from pollen.config import ConfigError, load_config  # noqa: E402
+from pollen.config import ConfigError, load_config
 
 
 def main(argv: list[str] | None = None) -> int:

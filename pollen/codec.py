@@ -93,7 +93,7 @@ def wire_bytes(record: ArrayRecord) -> int:
 def encode(update: Mapping[str, np.ndarray], codec: Codec) -> ArrayRecord:
     """Encode a dict of float32 arrays (in layout order) into an ArrayRecord."""
     if isinstance(codec, Identity):
-        return ArrayRecord({k: Array(np.ascontiguousarray(v, dtype=np.float32)) for k, v in update.items()})
+        return ArrayRecord({k: Array(np.asarray(v, dtype=np.float32, order="C")) for k, v in update.items()})
     header = [MAGIC, struct.pack("<BB", VERSION, TOPK_ID), _varint(len(update)),
               struct.pack("<I", _layout_crc({k: v.shape for k, v in update.items()}))]
     body = []

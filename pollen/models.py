@@ -158,13 +158,23 @@ def build_model(config: ModelConfig, num_classes: int, seed: int = 0) -> nn.Modu
 
 
 @functools.lru_cache(maxsize=2)
+def _built(config: ModelConfig, num_classes: int, seed: int) -> tuple[nn.Module, dict[str, np.ndarray]]:
+    model = build_model(config, num_classes, seed)
+    return model, trainable_arrays(model)
+
+
 def load_model(config: ModelConfig, num_classes: int, seed: int = 0) -> nn.Module:
     """The process-wide model for this configuration, built once and reused.
 
-    Clients overwrite its trainable parts every round; only the server's initial
-    global arrays depend on ``seed``.
+    Clients and the server overwrite its trainable parts all the time, so read the
+    starting point from ``initial_arrays``, never from this model.
     """
-    return build_model(config, num_classes, seed)
+    return _built(config, num_classes, seed)[0]
+
+
+def initial_arrays(config: ModelConfig, num_classes: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """The trainable arrays as first built for ``seed``: every run with that seed starts here."""
+    return {name: value.copy() for name, value in _built(config, num_classes, seed)[1].items()}
 
 
 def trainable_arrays(model: nn.Module) -> dict[str, np.ndarray]:

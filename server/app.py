@@ -18,7 +18,7 @@ from pollen.codec import Identity, TopK
 from pollen.config import Config, from_flat, to_flat
 from pollen.data import load_dataset
 from pollen.metrics import evaluate
-from pollen.models import load_model, load_trainable, trainable_arrays
+from pollen.models import initial_arrays, load_model, load_trainable
 from server.records import RoundRecord, RunRecord
 from strategies import RoundTraffic, make_strategy
 
@@ -99,7 +99,7 @@ def run_federation(grid: Grid, config: Config, folder: Path,
             on_round(entry)
         return MetricRecord(metrics)
 
-    initial = ArrayRecord({name: Array(value) for name, value in trainable_arrays(model).items()})
+    initial = ArrayRecord({name: Array(value) for name, value in initial_arrays(config.model, NUM_CLASSES, config.seed).items()})
     train_config = ConfigRecord({
         "lr": config.train.lr,
         "local-epochs": config.train.local_epochs,

@@ -1,6 +1,2 @@
-import os
-
-# Keep Flower offline and quiet in every test process.
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+# Importing pollen first sets Flower's offline switches before any test imports flwr.
+import pollen  # noqa: F401

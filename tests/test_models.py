@@ -11,6 +11,7 @@ from pollen.data import load_dataset
 from pollen.models import (
     Int8Weight,
     build_model,
+    initial_arrays,
     load_model,
     load_trainable,
     quantizable_layers,
@@ -70,6 +71,17 @@ def test_load_trainable_round_trip_and_rejects_mismatch():
 
 def test_load_model_is_cached_per_process():
     assert load_model(TINY, 10) is load_model(TINY, 10)
+
+
+def test_initial_arrays_survive_changes_to_the_cached_model():
+    before = initial_arrays(TINY, 10, seed=0)
+    model = load_model(TINY, 10, seed=0)
+    load_trainable(model, {k: np.zeros_like(v) for k, v in before.items()})
+    after = initial_arrays(TINY, 10, seed=0)
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    assert any(after[k].any() for k in after)
+    after["head.weight"][:] = 7  # callers get copies
+    assert not np.any(initial_arrays(TINY, 10, seed=0)["head.weight"] == 7)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from client.app import app as client_app
 from client.error_feedback import ErrorFeedback
 from pollen.codec import TopK, codec_to_config, decode, layout_of
 from pollen.config import load_config, to_flat
-from pollen.models import load_model, trainable_arrays
+from pollen.models import initial_arrays
 from server.records import read_records
 from simulations.inprocess import InProcessGrid
 from simulations.run import PLOT, simulate
@@ -52,8 +52,7 @@ def test_same_seed_same_run(tiny_run, tmp_path):
 
 
 def train_message(grid, config, codec):
-    model = load_model(config.model, 10, config.seed)
-    arrays = ArrayRecord({k: Array(v) for k, v in trainable_arrays(model).items()})
+    arrays = ArrayRecord({k: Array(v) for k, v in initial_arrays(config.model, 10, config.seed).items()})
     content = RecordDict({"arrays": arrays, "config": ConfigRecord({
         "lr": 0.01, "local-epochs": 1, "batch-size": 16, "server-round": 1, **codec_to_config(codec)})})
     return arrays, grid.create_message(content, "train", 1, "1")
