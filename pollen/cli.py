@@ -1,4 +1,4 @@
-"""``pollen`` command line: ``pollen simulate [CONFIG] [--set key=value ...]``."""
+"""``pollen`` command line: ``pollen simulate [CONFIG] [--set key=value ...]``, ``pollen compare CONFIG``."""
 
 from __future__ import annotations
 
@@ -19,12 +19,51 @@ def main(argv: list[str] | None = None) -> int:
                      help="override one key, e.g. --set federation.rounds=5 (repeatable)")
     sim.add_argument("--output", help="run folder (default: OUTPUT_DIR/<timestamp>)")
     sim.add_argument("-v", "--verbose", action="store_true", help="show Flower's log")
+    comp = commands.add_parser("compare", help="compare strategies and codecs on the same partitions and seeds")
+    comp.add_argument("config", help="compare config, e.g. simulations/configs/compare.yaml")
+    comp.add_argument("--output", help="report folder (default: the config's output_dir/<timestamp>)")
+    comp.add_argument("-v", "--verbose", action="store_true", help="show Flower's log")
     args = parser.parse_args(argv)
+    if args.command == "compare":
+        return compare_command(parser, args.config, args.output, args.verbose)
     try:
         config = load_config(args.config, args.overrides)
+        check_strategy(config)
     except ConfigError as error:
         parser.exit(2, f"pollen: config error: {error}\n")
     return simulate_command(config, args.output, args.verbose)
+
+
+def check_strategy(config) -> None:
+    """Reject a bad strategy name or parameter before any model loads."""
+    from strategies import check_strategy as check
+
+    check(config)
+
+
+def compare_command(parser: argparse.ArgumentParser, path: str, output: str | None, verbose: bool) -> int:
+    from pathlib import Path
+
+    import torch
+    from rich.console import Console
+
+    from simulations.compare import load_compare, run_compare
+
+    try:
+        compare = load_compare(path)
+    except ConfigError as error:
+        parser.exit(2, f"pollen: config error: {error}\n")
+    torch.set_num_threads(os.cpu_count() or 1)
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+    console = Console()
+    console.print(f"[bold]pollen compare[/]: {len(compare.variants)} variants x {len(compare.seeds)} seeds, "
+                  f"{compare.base.federation.rounds} rounds each, target accuracy {compare.target_accuracy}")
+    report = run_compare(compare, Path(output) if output else None,
+                         on_run=lambda line: console.print(line))
+    console.print(report.table)
+    console.print(f"report: [bold]{report.folder}[/] ({', '.join(report.files)})")
+    return 0
 
 
 def simulate_command(config, output: str | None, verbose: bool) -> int:

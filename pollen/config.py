@@ -79,14 +79,15 @@ class FederationConfig:
     num_clients: int = 100
     clients_per_round: int = 10
     rounds: int = 20
-    strategy: str = "sparse-fedavg"  # or "fedavg" (Flower's, plain mean)
+    strategy: str = "sparse-fedavg"  # a registry name, entry point or dotted path; see strategies/
     fraction_evaluate: float = 0.0  # share of clients asked for federated evaluate
 
     def check(self) -> None:
         _at_least("federation.num_clients", self.num_clients, 1)
         _at_least("federation.clients_per_round", self.clients_per_round, 1)
         _at_least("federation.rounds", self.rounds, 1)
-        _one_of("federation.strategy", self.strategy, ("fedavg", "sparse-fedavg"))
+        if not self.strategy.strip():
+            raise ConfigError("federation.strategy: must name a strategy, e.g. fedavg")
         if not 0.0 <= self.fraction_evaluate <= 1.0:
             raise ConfigError(
                 f"federation.fraction_evaluate: must be in [0, 1], got {self.fraction_evaluate}"
@@ -115,6 +116,34 @@ class CodecConfig:
 
 
 @dataclass(frozen=True)
+class StrategyParams:
+    """The ``strategy:`` section: keyword arguments of ``federation.strategy``.
+
+    Open-ended, because a strategy can come from a plug-in: here only the shape is
+    checked (scalar values); the registry checks names and types against the chosen
+    strategy's constructor. Kept as sorted pairs so a Config stays hashable.
+    """
+
+    items: tuple[tuple[str, str | int | float | bool], ...] = ()
+
+    @classmethod
+    def from_mapping(cls, values: Any) -> "StrategyParams":
+        if not isinstance(values, dict):
+            raise ConfigError(f"strategy: expected a mapping of parameters, got {values!r}")
+        for key, value in values.items():
+            if not isinstance(value, (str, int, float, bool)):
+                raise ConfigError(f"strategy.{key}: expected a number, string or boolean, got {value!r}")
+        return cls(tuple(sorted(values.items())))
+
+    @property
+    def settings(self) -> dict[str, str | int | float | bool]:
+        return dict(self.items)
+
+    def check(self) -> None:
+        pass  # shape checked in from_mapping; names and types by the strategy registry
+
+
+@dataclass(frozen=True)
 class Config:
     seed: int = 0
     output_dir: str = "runs"
@@ -123,6 +152,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     codec: CodecConfig = field(default_factory=CodecConfig)
+    strategy: StrategyParams = field(default_factory=StrategyParams)
 
     def check(self) -> None:
         for f in fields(self):
@@ -175,7 +205,9 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
             )
         kind = known[key].type
         sub = _SECTIONS.get(key) if cls is Config else None
-        if sub is not None:
+        if sub is StrategyParams:
+            kwargs[key] = StrategyParams.from_mapping(value)
+        elif sub is not None:
             kwargs[key] = _build(sub, value, f"{key}.")
         else:
             kwargs[key] = _coerce(prefix + key, value, _TYPES[kind])
@@ -189,6 +221,7 @@ _SECTIONS = {
     "train": TrainConfig,
     "federation": FederationConfig,
     "codec": CodecConfig,
+    "strategy": StrategyParams,
 }
 
 
@@ -203,7 +236,9 @@ def to_flat(config: Config) -> dict[str, Any]:
     """Flatten to dotted keys, the shape of Flower's run_config."""
     flat: dict[str, Any] = {}
     for key, value in dataclasses.asdict(config).items():
-        if isinstance(value, dict):
+        if key == "strategy":
+            flat.update({f"strategy.{k}": v for k, v in config.strategy.items})
+        elif isinstance(value, dict):
             flat.update({f"{key}.{k}": v for k, v in value.items()})
         else:
             flat[key] = value
@@ -243,7 +278,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     flat = to_flat(from_dict(values))
     for text in overrides:
         key, value = parse_override(text)
-        if key not in flat:
+        if key not in flat and not key.startswith("strategy."):  # strategy params are open-ended
             raise ConfigError(f"{key}: unknown key (known: {', '.join(sorted(flat))})")
         flat[key] = value
     return from_flat(flat)

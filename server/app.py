@@ -63,7 +63,7 @@ def run_federation(grid: Grid, config: Config, folder: Path,
                                  config.data.test_size, config.seed)
     fed = config.federation
     strategy = make_strategy(
-        fed.strategy, codec_of(config),
+        fed.strategy, codec_of(config), config.strategy.settings,
         fraction_train=fed.clients_per_round / fed.num_clients,
         min_train_nodes=fed.clients_per_round,
         min_available_nodes=fed.clients_per_round,

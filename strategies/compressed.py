@@ -21,7 +21,8 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from pollen.codec import Codec, CodecError, codec_to_config, decode, layout_of, wire_bytes
+from pollen.codec import Codec, CodecError, codec_to_config, decode, decode_sparse, layout_of, wire_bytes
+from strategies.sparse_deltas import sparse_delta_record
 
 # What a train reply's MetricRecord must carry; only these reach the inner strategy.
 TRAIN_METRICS = ("num-examples", "train-loss", "train-seconds")
@@ -85,12 +86,16 @@ class CompressedUpdates(Strategy):
                 traffic.uplink += wire_bytes(record)
                 traffic.dense_uplink += dense_bytes
                 metrics = _train_metrics(_single(reply.content.metric_records, "MetricRecord"))
-                delta = decode(record, layout, self.codec)
+                # Sparse-aware strategies (strategies/sparse_deltas.py) take only what was sent.
+                if getattr(self.inner, "takes_sparse_deltas", False):
+                    local = sparse_delta_record(*decode_sparse(record, layout, self.codec))
+                else:
+                    delta = decode(record, layout, self.codec)
+                    local = ArrayRecord({name: Array(global_arrays[name] + delta[name]) for name in layout})
             except CodecError as error:
                 traffic.rejected += 1
                 log(WARNING, "round %d: rejected update from node %s: %s", server_round, node, error)
                 continue
-            local = ArrayRecord({name: Array(global_arrays[name] + delta[name]) for name in layout})
             reply.content = RecordDict({"arrays": local, "metrics": metrics})
             traffic.accepted += 1
             accepted.append(reply)

@@ -131,9 +131,18 @@ def test_sparse_fedavg_keeps_the_step_of_a_coordinate_sent_by_one_client():
 
 def test_sparse_fedavg_weights_a_shared_coordinate_by_examples():
     deltas = [{"w": np.zeros((20, 30), np.float32), "b": np.zeros(30, np.float32)} for _ in range(3)]
-    deltas[0]["w"][0, 0], deltas[1]["w"][0, 0] = 1.0, 4.0  # client 2 leaves it unchanged
+    deltas[0]["w"][0, 0], deltas[1]["w"][0, 0] = 1.0, 4.0  # client 2 sends another coordinate
+    deltas[2]["w"][1, 1] = 2.0
+    step, _ = sparse_round(TopK(density=1 / 600), deltas, [10, 30, 60])
+    assert step["w"][0, 0] == pytest.approx((10 * 1.0 + 30 * 4.0) / 40, rel=1e-2)
+    assert step["w"][1, 1] == pytest.approx(2.0, rel=1e-2)
+
+
+def test_sparse_fedavg_counts_a_sent_zero_on_dense_updates():
+    deltas = [{"w": np.zeros((20, 30), np.float32), "b": np.zeros(30, np.float32)} for _ in range(3)]
+    deltas[0]["w"][0, 0], deltas[1]["w"][0, 0] = 1.0, 4.0  # client 2 sends a dense zero
     step, _ = sparse_round(Identity(), deltas, [10, 30, 60])
-    assert step["w"][0, 0] == pytest.approx((10 * 1.0 + 30 * 4.0) / 40, rel=1e-5)
+    assert step["w"][0, 0] == pytest.approx((10 * 1.0 + 30 * 4.0) / 100, rel=1e-5)
 
 
 def test_sparse_fedavg_equals_fedavg_on_dense_updates():
