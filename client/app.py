@@ -32,6 +32,7 @@ def train(msg: Message, context: Context) -> Message:
 
     round_config = msg.content["config"]
     server_round = int(round_config.get("server-round", 0))
+    seed = config.seed * 1_000_003 + server_round * 10_007 + int(context.node_config["partition-id"])
     started = time.perf_counter()
     loss = train_locally(
         model, data,
@@ -40,7 +41,7 @@ def train(msg: Message, context: Context) -> Message:
         lr=float(round_config["lr"]),
         weight_decay=float(round_config.get("weight-decay", 0.0)),
         proximal_mu=float(round_config.get("proximal-mu", 0.0)),
-        seed=config.seed * 1_000_003 + server_round * 10_007 + int(context.node_config["partition-id"]),
+        seed=seed,
     )
     seconds = time.perf_counter() - started
 
@@ -48,7 +49,7 @@ def train(msg: Message, context: Context) -> Message:
     feedback = ErrorFeedback(context.state)
     update = feedback.add_residual({name: local[name] - global_arrays[name] for name in global_arrays})
     codec = codec_from_config(round_config)
-    payload = encode(update, codec)
+    payload = encode(update, codec, seed=seed)
     feedback.keep(update, decode(payload, layout_of(global_record), codec))
 
     metrics = MetricRecord({

@@ -1,20 +1,31 @@
 """Wire format of model updates: ``encode(update, TopK(density=0.01))`` -> ArrayRecord.
 
 A TopK payload is one byte blob (a single Flower ``Array`` with stype
-``pollen.topk``) so per-tensor record overhead does not eat the compression:
+``pollen.topk``), so per-tensor record overhead does not eat the compression.
+The tensors of an update are treated as one flat vector in layout order:
 
-    header   magic "PLNU", version, codec id, tensor count, crc32 of the layout
-    per tensor (header):  dtype code, ndim, dims, k, rice parameter, scale (f32),
-                          length of the unary stream in bytes
-    per tensor (body):    unary stream | remainder stream | value stream
+    header   magic "PLNU", version, codec id, value bits, flags (scope, dense),
+             tensor count, crc32 of the layout, block, kept count K,
+             [Rice parameter, unary stream length]      (absent when all entries are kept)
+    streams  unary | remainders                         Golomb-Rice coded index gaps
+             scales                                     bfloat16, one per scale group
+             values                                     K fields of ``bits`` bits
 
-Kept indices are gap coded with Golomb-Rice codes whose unary and binary parts
-live in separate bit streams, so both encoding and decoding are vectorised.
-Values are symmetric b-bit integers with one fp32 scale per tensor.
+Index gaps follow a geometric law at density p, so Rice codes land within a few
+percent of the entropy H(p)/p bits per kept value, against 32 for raw int32.
+A scale group is the kept values of one tensor (``scope="tensor"``) or of the
+whole update (``scope="model"``), cut every ``block`` values when ``block`` > 0;
+the decoder derives the groups from the indices, so only the scales travel.
 
-The decoder trusts nothing: it checks every count, length and index against the
-expected layout (known from the global model) before it allocates, and raises
-``CodecError`` naming what is wrong.
+Values: ``bits`` >= 2 gives symmetric integer levels (+-(2**(bits-1) - 1)) times
+the group's scale, rounded to nearest or stochastically (unbiased);
+``bits`` = 1 sends signs only, with the group's mean magnitude as the scale
+(Sparse Ternary Compression). The client's error feedback uses the decoded
+payload, so it assumes exactly what the server will see.
+
+The decoder trusts nothing: it checks every count, length, index and level
+against the expected layout (known from the global model) before allocating, and
+raises ``CodecError`` naming what is wrong.
 """
 
 from __future__ import annotations
@@ -28,18 +39,30 @@ import numpy as np
 from flwr.app import Array, ArrayRecord
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
+from pollen.bits import (
+    MAX_RICE,
+    ByteReader,
+    CodecError,
+    best_rice_parameter,
+    pack,
+    packed_size,
+    rice_decode,
+    rice_encode,
+    unpack,
+    varint,
+)
+
 MAGIC = b"PLNU"
-VERSION = 1
+VERSION = 2
 TOPK_ID = 1
 TOPK_STYPE = "pollen.topk"
-_DTYPES = {0: np.float32}
-_MAX_RICE = 31  # gaps below 2**31: tensors of up to two billion entries
+SCOPES = ("tensor", "model")
+_MODEL_SCOPE, _DENSE = 1, 2  # header flags
 
 Layout = Mapping[str, tuple[int, ...]]  # tensor name -> shape, in wire order
 
-
-class CodecError(ValueError):
-    """A payload is malformed or does not fit the expected layout."""
+__all__ = ["CodecError", "Identity", "TopK", "Codec", "encode", "decode", "wire_bytes",
+           "layout_of", "codec_to_config", "codec_from_config", "decode_sparse"]
 
 
 @dataclass(frozen=True)
@@ -49,39 +72,72 @@ class Identity:
 
 @dataclass(frozen=True)
 class TopK:
-    """Keep the largest-magnitude ``density`` share of each tensor, ``bits`` per value."""
+    """Keep the largest-magnitude ``density`` share of each tensor (or of the whole update).
+
+    ``bits``: 8 (default), 2..7, or 1 for signs with a mean magnitude (ternary with
+    the zeros implied by top-k). ``block``: kept values per scale, 0 = one scale per
+    tensor (or per update with ``scope="model"``). ``stochastic``: unbiased
+    stochastic rounding, seeded by the ``seed`` given to ``encode``.
+    """
 
     density: float = 0.01
     bits: int = 8
+    block: int = 0
+    scope: str = "tensor"
+    stochastic: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 < self.density <= 1.0:
             raise ValueError(f"density must be in (0, 1], got {self.density}")
-        if not 2 <= self.bits <= 8:
-            raise ValueError(f"bits must be between 2 and 8, got {self.bits}")
+        if not 1 <= self.bits <= 8:
+            raise ValueError(f"bits must be between 1 and 8, got {self.bits}")
+        if self.block < 0:
+            raise ValueError(f"block must be 0 (one scale per group) or positive, got {self.block}")
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
+        if self.stochastic and self.bits == 1:
+            raise ValueError("stochastic rounding needs bits >= 2 (1-bit values are signs)")
+
+    def max_kept(self, sizes: list[int]) -> int:
+        """Most values an update of these tensor sizes may carry."""
+        if self.scope == "model":
+            return _kept(sum(sizes), self.density)
+        return sum(_kept(size, self.density) for size in sizes)
 
 
 Codec = Identity | TopK
 
 
-def codec_to_config(codec: Codec) -> dict[str, str | float | int]:
+def _kept(size: int, density: float) -> int:
+    return min(size, max(1, round(density * size))) if size else 0
+
+
+def codec_to_config(codec: Codec, prefix: str = "codec.") -> dict[str, str | float | int | bool]:
     """Codec settings as ConfigRecord entries sent to clients each round."""
     if isinstance(codec, TopK):
-        return {"codec.name": "topk", "codec.density": codec.density, "codec.bits": codec.bits}
-    return {"codec.name": "identity"}
+        return {f"{prefix}name": "topk", f"{prefix}density": codec.density,
+                f"{prefix}bits": codec.bits, f"{prefix}block": codec.block,
+                f"{prefix}scope": codec.scope, f"{prefix}stochastic": codec.stochastic}
+    return {f"{prefix}name": "identity"}
 
 
-def codec_from_config(config: Mapping) -> Codec:
-    name = config.get("codec.name", "identity")
+def codec_from_config(config: Mapping, prefix: str = "codec.") -> Codec:
+    name = config.get(f"{prefix}name", "identity")
     if name == "topk":
-        return TopK(density=float(config["codec.density"]), bits=int(config["codec.bits"]))
+        try:
+            return TopK(density=float(config[f"{prefix}density"]), bits=int(config[f"{prefix}bits"]),
+                        block=int(config.get(f"{prefix}block", 0)),
+                        scope=str(config.get(f"{prefix}scope", "tensor")),
+                        stochastic=bool(config.get(f"{prefix}stochastic", False)))
+        except (KeyError, ValueError) as error:
+            raise CodecError(f"bad codec settings: {error}") from None
     if name == "identity":
         return Identity()
     raise CodecError(f"unknown codec {name!r}")
 
 
-def layout_of(arrays: ArrayRecord) -> dict[str, tuple[int, ...]]:
-    """The layout (names and shapes) of a record of dense arrays."""
+def layout_of(arrays: ArrayRecord | Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+    """The layout (names and shapes) of a record or dict of dense arrays."""
     return {name: tuple(array.shape) for name, array in arrays.items()}
 
 
@@ -90,39 +146,223 @@ def wire_bytes(record: ArrayRecord) -> int:
     return sum(len(obj.deflate()) for obj in get_all_nested_objects(record).values())
 
 
-def encode(update: Mapping[str, np.ndarray], codec: Codec) -> ArrayRecord:
-    """Encode a dict of float32 arrays (in layout order) into an ArrayRecord."""
+def encode(update: Mapping[str, np.ndarray], codec: Codec, seed: int = 0) -> ArrayRecord:
+    """Encode a dict of float32 arrays (in layout order) into an ArrayRecord.
+
+    ``seed`` drives stochastic rounding only; the same inputs and seed give the same bytes.
+    """
     if isinstance(codec, Identity):
-        return ArrayRecord({k: Array(np.asarray(v, dtype=np.float32, order="C")) for k, v in update.items()})
-    header = [MAGIC, struct.pack("<BB", VERSION, TOPK_ID), _varint(len(update)),
-              struct.pack("<I", _layout_crc({k: v.shape for k, v in update.items()}))]
-    body = []
-    for array in update.values():
-        flat = np.asarray(array, dtype=np.float32).reshape(-1)
-        indices, levels, scale = _sparsify(flat, codec)
+        return ArrayRecord({k: Array(np.asarray(v, dtype=np.float32, order="C"))
+                            for k, v in update.items()})
+    layout = layout_of(update)
+    flat = _flatten(update)
+    if not np.isfinite(flat).all():
+        raise CodecError("update contains NaN or infinity")
+    offsets = _offsets(layout)
+    indices = _select(flat, offsets, codec)
+    dense = indices.size == flat.size
+    flags = (_MODEL_SCOPE if codec.scope == "model" else 0) | (_DENSE if dense else 0)
+    header = [MAGIC, bytes([VERSION, TOPK_ID, codec.bits, flags]), varint(len(layout)),
+              struct.pack("<I", _layout_crc(layout)), varint(codec.block), varint(indices.size)]
+    streams = []
+    if not dense:
         gaps = np.diff(indices, prepend=-1) - 1
-        rice = _best_rice_parameter(gaps)
-        unary = _unary_stream(gaps >> rice)
-        header += [bytes([0, array.ndim]), b"".join(_varint(d) for d in array.shape),
-                   _varint(len(indices)), bytes([rice]), struct.pack("<f", scale),
-                   _varint(len(unary))]
-        body += [unary, _pack(gaps & ((1 << rice) - 1), rice),
-                 _pack(levels + _max_level(codec.bits), codec.bits)]
-    blob = np.frombuffer(b"".join(header + body), dtype=np.uint8)
-    return ArrayRecord({"update": Array(dtype="uint8", shape=(blob.size,), stype=TOPK_STYPE,
-                                        data=blob.tobytes())})
+        rice = best_rice_parameter(gaps)
+        unary, remainders = rice_encode(gaps, rice)
+        header += [bytes([rice]), varint(len(unary))]
+        streams += [unary, remainders]
+    starts = _group_starts(indices, offsets, codec)
+    scales, codes = _quantize(flat[indices], starts, codec, np.random.default_rng(seed))
+    streams += [scales.astype("<u2").tobytes(), pack(codes, codec.bits)]
+    blob = b"".join(header + streams)
+    return ArrayRecord({"update": Array(dtype="uint8", shape=(len(blob),), stype=TOPK_STYPE,
+                                        data=blob)})
 
 
 def decode(record: ArrayRecord, layout: Layout, codec: Codec) -> dict[str, np.ndarray]:
     """Decode and validate a record against the expected layout; raise CodecError if it doesn't fit."""
     if isinstance(codec, Identity):
         return _decode_dense(record, layout)
+    indices, values = decode_sparse(record, layout, codec)
+    offsets = _offsets(layout)
+    flat = np.zeros(int(offsets[-1]), dtype=np.float32)
+    flat[indices] = values
+    return {name: flat[a:b].reshape(shape)
+            for (name, shape), a, b in zip(layout.items(), offsets[:-1], offsets[1:])}
+
+
+def decode_sparse(record: ArrayRecord, layout: Layout, codec: Codec) -> tuple[np.ndarray, np.ndarray]:
+    """Like ``decode``, but only what was sent: (int64 flat indices in layout order, float32 values).
+
+    Sparse-aware aggregation reads updates this way, without a dense array per client.
+    """
+    if isinstance(codec, Identity):
+        flat = _flatten(_decode_dense(record, layout))
+        return np.arange(flat.size, dtype=np.int64), flat
     if list(record.keys()) != ["update"]:
         raise CodecError(f"expected one array named 'update', got {list(record.keys())}")
     array = record["update"]
     if array.stype != TOPK_STYPE or array.dtype != "uint8":
         raise CodecError(f"expected a {TOPK_STYPE} uint8 blob, got {array.stype}/{array.dtype}")
-    return _TopKReader(array.data, layout, codec.bits).read()
+    return _read_topk(ByteReader(array.data), layout, codec)
+
+
+# --- encoding -------------------------------------------------------------------------
+
+def _flatten(update: Mapping[str, np.ndarray]) -> np.ndarray:
+    if not update:
+        return np.zeros(0, np.float32)
+    return np.concatenate([np.asarray(v, dtype=np.float32).reshape(-1) for v in update.values()])
+
+
+def _offsets(layout: Layout) -> np.ndarray:
+    """Start of each tensor in the flat vector, plus the total size at the end."""
+    return np.cumsum([0] + [int(np.prod(shape)) for shape in layout.values()], dtype=np.int64)
+
+
+def _top(values: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the k largest magnitudes among the nonzero entries, sorted."""
+    k = min(k, int(np.count_nonzero(values)))
+    if k == 0:
+        return np.zeros(0, np.int64)
+    if k == values.size:
+        return np.arange(values.size, dtype=np.int64)
+    return np.sort(np.argpartition(np.abs(values), values.size - k)[values.size - k:]).astype(np.int64)
+
+
+def _select(flat: np.ndarray, offsets: np.ndarray, codec: TopK) -> np.ndarray:
+    if codec.scope == "model":
+        return _top(flat, _kept(flat.size, codec.density))
+    parts = [start + _top(flat[start:end], _kept(int(end - start), codec.density))
+             for start, end in zip(offsets[:-1], offsets[1:])]
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+def _group_starts(indices: np.ndarray, offsets: np.ndarray, codec: TopK) -> np.ndarray:
+    """Where each scale group begins among the kept values (same rule in both directions)."""
+    if indices.size == 0:
+        return np.zeros(0, np.int64)
+    bounds = [0, indices.size]
+    if codec.scope == "tensor":
+        bounds = np.unique(np.searchsorted(indices, offsets)).tolist()
+    starts = []
+    for begin, end in zip(bounds[:-1], bounds[1:]):
+        if end > begin:
+            starts.append(np.arange(begin, end, codec.block or end - begin, dtype=np.int64))
+    return np.concatenate(starts)
+
+
+def _max_level(bits: int) -> int:
+    return (1 << (bits - 1)) - 1
+
+
+def _quantize(values: np.ndarray, starts: np.ndarray, codec: TopK,
+              rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(bfloat16 scale bits per group, unsigned value codes)."""
+    if values.size == 0:
+        return np.zeros(0, np.uint16), np.zeros(0, np.int64)
+    magnitude = np.abs(values)
+    group = np.repeat(np.arange(starts.size), np.diff(starts, append=values.size))
+    if codec.bits == 1:
+        mean = np.add.reduceat(magnitude.astype(np.float64), starts) / np.diff(starts, append=values.size)
+        scales = _to_bfloat16(mean.astype(np.float32), round_up=False)
+        return scales, (values > 0).astype(np.int64)
+    top = _max_level(codec.bits)
+    scales = _to_bfloat16(np.maximum.reduceat(magnitude, starts) / np.float32(top), round_up=True)
+    levels = values / _from_bfloat16(scales)[group]
+    levels = np.floor(levels + rng.random(levels.size)) if codec.stochastic else np.rint(levels)
+    return scales, np.clip(levels, -top, top).astype(np.int64) + top
+
+
+def _to_bfloat16(x: np.ndarray, round_up: bool) -> np.ndarray:
+    """bfloat16 bit patterns of positive float32 values (rounded up, or to nearest even)."""
+    bits = np.asarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    if round_up:  # a scale rounded up keeps the peak inside the top level
+        bits = bits + 0xFFFF
+    else:
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+    out = (bits >> 16).astype(np.uint16)
+    if np.any((out & 0x7F80) == 0x7F80):
+        raise CodecError("update too large to scale (bfloat16 overflow)")
+    return out
+
+
+def _from_bfloat16(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def _dequantize(codes: np.ndarray, scales: np.ndarray, starts: np.ndarray, bits: int) -> np.ndarray:
+    group = np.repeat(np.arange(starts.size), np.diff(starts, append=codes.size))
+    levels = np.where(codes > 0, 1, -1) if bits == 1 else codes - _max_level(bits)
+    return (levels.astype(np.float32) * _from_bfloat16(scales)[group]).astype(np.float32)
+
+
+def _layout_crc(layout: Layout) -> int:
+    text = ";".join(f"{name}:{','.join(map(str, shape))}" for name, shape in layout.items())
+    return zlib.crc32(text.encode())
+
+
+# --- decoding -------------------------------------------------------------------------
+
+def _read_topk(reader: ByteReader, layout: Layout, codec: TopK) -> tuple[np.ndarray, np.ndarray]:
+    if bytes(reader.take(4, "magic")) != MAGIC:
+        raise CodecError("not a Pollen update (bad magic bytes)")
+    version, codec_id, bits, flags = reader.take(4, "version, codec id, bits, flags")
+    if version != VERSION:
+        raise CodecError(f"unsupported format version {version} (this build reads {VERSION})")
+    if codec_id != TOPK_ID:
+        raise CodecError(f"unexpected codec id {codec_id} (expected top-k {TOPK_ID})")
+    if bits != codec.bits:
+        raise CodecError(f"payload has {bits}-bit values, this round expects {codec.bits}")
+    if flags & ~(_MODEL_SCOPE | _DENSE):
+        raise CodecError(f"unknown flags {flags:#x}")
+    scope = "model" if flags & _MODEL_SCOPE else "tensor"
+    if scope != codec.scope:
+        raise CodecError(f"payload selects per {scope}, this round expects per {codec.scope}")
+    count = reader.varint("tensor count", len(layout))
+    if count != len(layout):
+        raise CodecError(f"payload has {count} tensors, the model has {len(layout)}")
+    (crc,) = struct.unpack("<I", reader.take(4, "layout checksum"))
+    if crc != _layout_crc(layout):
+        raise CodecError("tensor names or shapes differ from the model's (layout checksum mismatch)")
+    offsets = _offsets(layout)
+    size = int(offsets[-1])
+    block = reader.varint("block", size)
+    if block != codec.block:
+        raise CodecError(f"payload has block {block}, this round expects {codec.block}")
+    limit = codec.max_kept([int(b - a) for a, b in zip(offsets[:-1], offsets[1:])])
+    kept = reader.varint("kept count", limit)
+    if flags & _DENSE:
+        if kept != size:
+            raise CodecError(f"dense payload keeps {kept} of {size} entries")
+        indices = np.arange(size, dtype=np.int64)
+    else:
+        indices = _read_indices(reader, kept, size)
+    starts = _group_starts(indices, offsets, codec)
+    raw_scales = np.frombuffer(reader.take(2 * starts.size, "scales"), dtype="<u2")
+    if np.any(raw_scales & 0x8000) or np.any((raw_scales & 0x7F80) == 0x7F80):
+        raise CodecError("negative, infinite or NaN scale")
+    codes = unpack(reader.take(packed_size(kept * bits), "value stream"), kept, bits)
+    if bits > 1 and codes.size and codes.max() > 2 * _max_level(bits):
+        raise CodecError(f"value level out of range for {bits} bits")
+    reader.finish()
+    return indices, _dequantize(codes, raw_scales.astype(np.uint16), starts, bits).astype(np.float32)
+
+
+def _read_indices(reader: ByteReader, kept: int, size: int) -> np.ndarray:
+    rice = reader.byte("rice parameter")
+    if rice > MAX_RICE:
+        raise CodecError(f"rice parameter {rice} above {MAX_RICE}")
+    unary_len = reader.varint("unary length", packed_size(size + kept))
+    unary = reader.take(unary_len, "index stream")
+    remainders = reader.take(packed_size(kept * rice), "remainder stream")
+    gaps = rice_decode(unary, remainders, kept, rice)
+    if gaps.size and gaps.max() >= size:
+        raise CodecError(f"index gap {int(gaps.max())} out of range for {size} entries")
+    indices = np.cumsum(gaps + 1) - 1
+    if indices.size and indices[-1] >= size:
+        raise CodecError(f"index {int(indices[-1])} out of range for {size} entries")
+    return indices
 
 
 def _decode_dense(record: ArrayRecord, layout: Layout) -> dict[str, np.ndarray]:
@@ -145,178 +385,3 @@ def _decode_dense(record: ArrayRecord, layout: Layout) -> dict[str, np.ndarray]:
             raise CodecError(f"{name}: contains NaN or infinity")
         out[name] = value
     return out
-
-
-def _max_level(bits: int) -> int:
-    return (1 << (bits - 1)) - 1
-
-
-def _sparsify(flat: np.ndarray, codec: TopK) -> tuple[np.ndarray, np.ndarray, float]:
-    """Indices (sorted) and integer levels of the top-k entries, and their scale."""
-    nonzero = int(np.count_nonzero(flat))
-    k = min(nonzero, max(1, round(codec.density * flat.size)))
-    if k == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), 0.0
-    if k < flat.size:
-        indices = np.sort(np.argpartition(np.abs(flat), flat.size - k)[flat.size - k:])
-    else:
-        indices = np.arange(flat.size)
-    values = flat[indices]
-    peak = float(np.abs(values).max())
-    if not np.isfinite(peak):
-        raise CodecError("update contains NaN or infinity")
-    scale = np.float32(peak / _max_level(codec.bits))
-    levels = np.rint(values / scale).astype(np.int64) if scale > 0 else np.zeros(k, np.int64)
-    return indices.astype(np.int64), np.clip(levels, -_max_level(codec.bits), _max_level(codec.bits)), float(scale)
-
-
-def _best_rice_parameter(gaps: np.ndarray) -> int:
-    """The Rice parameter that minimises this tensor's index bits (unary + remainder)."""
-    if gaps.size == 0:
-        return 0
-    top = min(int(gaps.max()).bit_length(), _MAX_RICE)
-    costs = [int((gaps >> r).sum()) + gaps.size * (r + 1) for r in range(top + 1)]
-    return int(np.argmin(costs))
-
-
-def _unary_stream(quotients: np.ndarray) -> bytes:
-    """q ones then a zero for each quotient, packed MSB first."""
-    ends = np.cumsum(quotients + 1) - 1
-    bits = np.ones(int(ends[-1]) + 1 if ends.size else 0, dtype=np.uint8)
-    bits[ends] = 0
-    return np.packbits(bits).tobytes()
-
-
-def _pack(values: np.ndarray, width: int) -> bytes:
-    """Fixed-width unsigned fields, MSB first, packed into bytes."""
-    if width == 0 or values.size == 0:
-        return b""
-    shifts = np.arange(width - 1, -1, -1, dtype=np.int64)
-    bits = ((values[:, None].astype(np.int64) >> shifts) & 1).astype(np.uint8)
-    return np.packbits(bits.reshape(-1)).tobytes()
-
-
-def _unpack(data: memoryview, count: int, width: int) -> np.ndarray:
-    if width == 0 or count == 0:
-        return np.zeros(count, dtype=np.int64)
-    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=count * width)
-    return bits.reshape(count, width).astype(np.int64) @ (1 << np.arange(width - 1, -1, -1, dtype=np.int64))
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _layout_crc(layout: Mapping[str, tuple[int, ...]]) -> int:
-    text = ";".join(f"{name}:{','.join(map(str, shape))}" for name, shape in layout.items())
-    return zlib.crc32(text.encode())
-
-
-def _packed_size(bits: int) -> int:
-    return (bits + 7) // 8
-
-
-class _TopKReader:
-    """Bounds-checked reader of one TopK blob."""
-
-    def __init__(self, data: bytes, layout: Layout, bits: int) -> None:
-        self.data = memoryview(data)
-        self.pos = 0
-        self.layout = layout
-        self.bits = bits
-
-    def take(self, n: int, what: str) -> memoryview:
-        if n < 0 or self.pos + n > len(self.data):
-            raise CodecError(f"truncated payload: {what} needs {n} bytes at offset {self.pos}, "
-                             f"{len(self.data) - self.pos} left")
-        chunk = self.data[self.pos:self.pos + n]
-        self.pos += n
-        return chunk
-
-    def varint(self, what: str, limit: int) -> int:
-        value, shift = 0, 0
-        while True:
-            byte = self.take(1, what)[0]
-            value |= (byte & 0x7F) << shift
-            if value > limit:
-                raise CodecError(f"{what} = {value} exceeds its bound {limit}")
-            if not byte & 0x80:
-                return value
-            shift += 7
-
-    def read(self) -> dict[str, np.ndarray]:
-        if bytes(self.take(4, "magic")) != MAGIC:
-            raise CodecError("not a Pollen update (bad magic bytes)")
-        version, codec_id = self.take(2, "version")
-        if version != VERSION:
-            raise CodecError(f"unsupported format version {version} (this build reads {VERSION})")
-        if codec_id != TOPK_ID:
-            raise CodecError(f"unexpected codec id {codec_id} (expected top-k {TOPK_ID})")
-        count = self.varint("tensor count", len(self.layout))
-        if count != len(self.layout):
-            raise CodecError(f"payload has {count} tensors, the model has {len(self.layout)}")
-        (crc,) = struct.unpack("<I", self.take(4, "layout checksum"))
-        if crc != _layout_crc(self.layout):
-            raise CodecError("tensor names or shapes differ from the model's (layout checksum mismatch)")
-        heads = [self.tensor_header(name, shape) for name, shape in self.layout.items()]
-        out = {name: self.tensor_body(name, shape, *head)
-               for (name, shape), head in zip(self.layout.items(), heads)}
-        if self.pos != len(self.data):
-            raise CodecError(f"{len(self.data) - self.pos} unexpected trailing bytes")
-        return out
-
-    def tensor_header(self, name: str, shape: tuple[int, ...]) -> tuple[int, int, float, int]:
-        dtype, ndim = self.take(2, f"{name} dtype")
-        if dtype not in _DTYPES:
-            raise CodecError(f"{name}: unknown dtype code {dtype}")
-        if ndim != len(shape):
-            raise CodecError(f"{name}: {ndim} dimensions, expected {len(shape)}")
-        dims = tuple(self.varint(f"{name} dim", max(shape, default=0)) for _ in range(ndim))
-        if dims != shape:
-            raise CodecError(f"{name}: shape {dims}, expected {shape}")
-        size = int(np.prod(shape))
-        k = self.varint(f"{name} kept count", size)
-        rice = self.take(1, f"{name} rice parameter")[0]
-        if rice > _MAX_RICE:
-            raise CodecError(f"{name}: rice parameter {rice} above {_MAX_RICE}")
-        (scale,) = struct.unpack("<f", self.take(4, f"{name} scale"))
-        if not np.isfinite(scale) or scale < 0:
-            raise CodecError(f"{name}: invalid scale {scale}")
-        unary_len = self.varint(f"{name} unary length", _packed_size(size + k))
-        return k, rice, scale, unary_len
-
-    def tensor_body(self, name: str, shape: tuple[int, ...], k: int, rice: int,
-                    scale: float, unary_len: int) -> np.ndarray:
-        size = int(np.prod(shape))
-        unary = self.take(unary_len, f"{name} index stream")
-        remainders = self.take(_packed_size(k * rice), f"{name} remainder stream")
-        levels_raw = self.take(_packed_size(k * self.bits), f"{name} value stream")
-        out = np.zeros(size, dtype=np.float32)
-        if k == 0:
-            if unary_len:
-                raise CodecError(f"{name}: index stream present but no values kept")
-            return out.reshape(shape)
-        bits = np.unpackbits(np.frombuffer(unary, dtype=np.uint8))
-        ends = np.flatnonzero(bits == 0)
-        if ends.size < k or _packed_size(int(ends[k - 1]) + 1) != unary_len:
-            raise CodecError(f"{name}: index stream does not hold exactly {k} codes")
-        quotients = np.diff(ends[:k], prepend=-1) - 1
-        gaps = (quotients << rice) | _unpack(remainders, k, rice)
-        if gaps.max() >= size:
-            raise CodecError(f"{name}: index gap {int(gaps.max())} out of range for {size} entries")
-        indices = np.cumsum(gaps + 1) - 1
-        if indices[-1] >= size:
-            raise CodecError(f"{name}: index {int(indices[-1])} out of range for {size} entries")
-        levels = _unpack(levels_raw, k, self.bits) - _max_level(self.bits)
-        if levels.max() > _max_level(self.bits):
-            raise CodecError(f"{name}: value level out of range for {self.bits} bits")
-        out[indices] = levels.astype(np.float32) * np.float32(scale)
-        return out.reshape(shape)

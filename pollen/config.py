@@ -101,18 +101,25 @@ class FederationConfig:
 
 @dataclass(frozen=True)
 class CodecConfig:
-    """Uplink compression of client updates."""
+    """Uplink compression of client updates (see pollen.codec.TopK)."""
 
     name: str = "topk"  # topk | identity (dense fp32)
     density: float = 0.01  # share of each tensor's coordinates sent
-    bits: int = 8  # bits per kept value
+    bits: int = 8  # bits per kept value; 1 = signs and a mean magnitude
+    block: int = 0  # kept values per scale; 0 = one scale per tensor
+    scope: str = "tensor"  # top-k per tensor, or over the whole update (model)
+    stochastic: bool = False  # unbiased stochastic rounding of values
 
     def check(self) -> None:
         _one_of("codec.name", self.name, ("topk", "identity"))
         if not 0.0 < self.density <= 1.0:
             raise ConfigError(f"codec.density: must be in (0, 1], got {self.density}")
-        if not 2 <= self.bits <= 8:
-            raise ConfigError(f"codec.bits: must be between 2 and 8, got {self.bits}")
+        if not 1 <= self.bits <= 8:
+            raise ConfigError(f"codec.bits: must be between 1 and 8, got {self.bits}")
+        _at_least("codec.block", self.block, 0)
+        _one_of("codec.scope", self.scope, ("tensor", "model"))
+        if self.stochastic and self.bits == 1:
+            raise ConfigError("codec.stochastic: needs codec.bits >= 2 (1-bit values are signs)")
 
 
 @dataclass(frozen=True)

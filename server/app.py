@@ -14,7 +14,7 @@ import yaml
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from pollen.codec import Identity, TopK
+from pollen.codec import Codec, codec_from_config
 from pollen.config import Config, from_flat, to_flat
 from pollen.data import load_dataset
 from pollen.metrics import evaluate
@@ -43,10 +43,8 @@ def new_run_folder(config: Config, name: str = "") -> Path:
     return folder
 
 
-def codec_of(config: Config) -> Identity | TopK:
-    if config.codec.name == "topk":
-        return TopK(density=config.codec.density, bits=config.codec.bits)
-    return Identity()
+def codec_of(config: Config) -> Codec:
+    return codec_from_config(to_flat(config), prefix="codec.")
 
 
 def run_federation(grid: Grid, config: Config, folder: Path,

@@ -15,6 +15,7 @@ from pollen.codec import (
     codec_to_config,
     decode,
     encode,
+    layout_of,
     wire_bytes,
 )
 
@@ -47,10 +48,59 @@ def test_topk_keeps_the_largest_entries_within_half_a_step(density, bits):
             continue
         k = max(1, round(density * flat.size))
         kept = np.sort(np.argsort(-np.abs(flat), kind="stable")[:k])
-        step = np.abs(flat[kept]).max() / (2 ** (bits - 1) - 1)
+        step = np.abs(flat[kept]).max() / (2 ** (bits - 1) - 1) * (1 + 2 ** -7)  # bfloat16 scale, rounded up
         assert np.count_nonzero(got) <= k
         assert np.all(got[np.setdiff1d(np.arange(flat.size), kept)] == 0)
         assert np.all(np.abs(got[kept] - flat[kept]) <= step / 2 + 1e-6)
+
+
+def test_sign_values_carry_the_mean_magnitude_of_each_tensor():
+    codec = TopK(density=0.1, bits=1)
+    out = decode(encode(UPDATE, codec), LAYOUT, codec)
+    for name, value in UPDATE.items():
+        flat, got = value.reshape(-1), out[name].reshape(-1)
+        kept = np.flatnonzero(got)
+        assert np.array_equal(np.sign(got[kept]), np.sign(flat[kept]))
+        np.testing.assert_allclose(np.abs(got[kept]), np.abs(flat[kept]).mean(), rtol=2 ** -8)
+
+
+def test_block_scales_follow_local_magnitudes():
+    update = {"w": np.concatenate([np.full(64, 100.0), np.full(64, 0.01)]).astype(np.float32)}
+    per_tensor, per_block = TopK(density=1.0, bits=4), TopK(density=1.0, bits=4, block=64)
+    coarse = decode(encode(update, per_tensor), layout_of(update), per_tensor)["w"]
+    fine = decode(encode(update, per_block), layout_of(update), per_block)["w"]
+    assert not coarse[64:].any()  # 0.01 rounds to level 0 under a scale set by 100
+    np.testing.assert_allclose(fine, update["w"], rtol=2 ** -7)
+
+
+def test_model_scope_keeps_the_largest_entries_of_the_whole_update():
+    codec = TopK(density=0.01, scope="model")
+    update = {"small": np.full(900, 0.1, np.float32), "large": np.arange(1, 101, dtype=np.float32)}
+    out = decode(encode(update, codec), layout_of(update), codec)
+    assert not out["small"].any()
+    assert np.flatnonzero(out["large"]).tolist() == list(range(90, 100))
+
+
+def test_stochastic_rounding_is_unbiased_and_seeded():
+    codec = TopK(density=1.0, bits=2, stochastic=True)  # levels -1, 0, +1
+    update = {"w": np.concatenate([[1.0], np.full(20_000, 0.25)]).astype(np.float32)}
+    first = decode(encode(update, codec, seed=1), layout_of(update), codec)["w"]
+    again = decode(encode(update, codec, seed=1), layout_of(update), codec)["w"]
+    other = decode(encode(update, codec, seed=2), layout_of(update), codec)["w"]
+    assert np.array_equal(first, again) and not np.array_equal(first, other)
+    assert set(np.unique(first[1:]).tolist()) == {0.0, 1.0}
+    assert abs(first[1:].mean() - 0.25) < 0.01  # nearest rounding would give exactly 0
+    nearest = TopK(density=1.0, bits=2)
+    assert not decode(encode(update, nearest), layout_of(update), nearest)["w"][1:].any()
+
+
+@pytest.mark.parametrize("density", [0.1, 0.01, 0.001])
+def test_index_and_value_bits_stay_near_the_entropy(density):
+    size, bits = 1_000_000, 8
+    update = {"w": rng.normal(size=size).astype(np.float32)}
+    blob = encode(update, TopK(density=density, bits=bits))["update"].data
+    entropy = -(density * np.log2(density) + (1 - density) * np.log2(1 - density)) + density * bits
+    assert 8 * len(blob) / size <= 1.06 * entropy
 
 
 def test_error_feedback_loses_nothing_over_rounds():
@@ -126,31 +176,61 @@ def test_layout_mismatches_are_rejected():
         decode(record, {"w": (4, 2)}, CODEC)
 
 
-def hand_made(k: int, rice: int, unary: bytes, remainders: bytes, values: bytes) -> bytearray:
+def hand_made(kept: int, rice: int, unary: bytes, remainders: bytes, scales: bytes, values: bytes,
+              bits: int = 8, flags: int = 0) -> bytearray:
     """A TopK blob for SMALL_LAYOUT with chosen fields, to reach the deeper checks."""
-    from pollen.codec import MAGIC, _layout_crc
+    from pollen.codec import MAGIC, VERSION, _layout_crc
 
-    header = MAGIC + bytes([1, 1, 1]) + struct.pack("<I", _layout_crc(SMALL_LAYOUT))
-    header += bytes([0, 2, 2, 4, k, rice]) + struct.pack("<f", 1.0) + bytes([len(unary)])
-    return bytearray(header + unary + remainders + values)
+    header = MAGIC + bytes([VERSION, 1, bits, flags, 1]) + struct.pack("<I", _layout_crc(SMALL_LAYOUT))
+    header += bytes([0, kept, rice, len(unary)])
+    return bytearray(header + unary + remainders + scales + values)
 
 
-def test_kept_count_above_the_tensor_size_is_rejected():
+ONE = struct.pack("<H", 0x3F80)  # bfloat16 1.0
+
+
+def test_hand_made_blob_decodes():
+    # Rice parameter 0, gaps 1 and 2 ("10", "110"): indices 1 and 4, levels +3 and -1.
+    blob = hand_made(2, 0, bytes([0b1011_0111]), b"", ONE, bytes([130, 126]))
+    out = decode(record_of(blob), SMALL_LAYOUT, CODEC)["w"].reshape(-1)
+    assert out.tolist() == [0, 3, 0, 0, -1, 0, 0, 0]
+
+
+def test_kept_count_above_the_codec_bound_is_rejected():
     with pytest.raises(CodecError, match="kept count"):
-        decode(record_of(hand_made(9, 0, b"", b"", b"")), SMALL_LAYOUT, CODEC)
+        decode(record_of(hand_made(5, 0, b"", b"", b"", b"")), SMALL_LAYOUT, CODEC)
 
 
 def test_index_past_the_end_is_rejected():
     # Rice parameter 4, one gap of 12 (quotient 0 -> "0", remainder 1100): index 12 >= 8.
-    blob = hand_made(1, 4, bytes([0b0000_0000]), bytes([0b1100_0000]), bytes([127]))
+    blob = hand_made(1, 4, bytes([0b0111_1111]), bytes([0b1100_0000]), ONE, bytes([127]))
     with pytest.raises(CodecError, match="out of range"):
         decode(record_of(blob), SMALL_LAYOUT, CODEC)
 
 
 def test_value_level_outside_the_bit_range_is_rejected():
-    blob = hand_made(1, 0, bytes([0b0000_0000]), b"", bytes([255]))
+    blob = hand_made(1, 0, bytes([0b0111_1111]), b"", ONE, bytes([255]))
     with pytest.raises(CodecError, match="level"):
         decode(record_of(blob), SMALL_LAYOUT, CODEC)
+
+
+@pytest.mark.parametrize("scale", [0xBF80, 0x7F80, 0x7FC0])  # -1.0, inf, NaN
+def test_bad_scales_are_rejected(scale):
+    blob = hand_made(1, 0, bytes([0b0111_1111]), b"", struct.pack("<H", scale), bytes([127]))
+    with pytest.raises(CodecError, match="scale"):
+        decode(record_of(blob), SMALL_LAYOUT, CODEC)
+
+
+def test_payload_must_use_the_rounds_codec_settings():
+    record = encode(SMALL, CODEC)
+    with pytest.raises(CodecError, match="4, this round expects 8|8-bit values, this round expects 4"):
+        decode(record, SMALL_LAYOUT, TopK(density=0.5, bits=4))
+    with pytest.raises(CodecError, match="per tensor, this round expects per model"):
+        decode(record, SMALL_LAYOUT, TopK(density=0.5, scope="model"))
+    with pytest.raises(CodecError, match="block"):
+        decode(record, SMALL_LAYOUT, TopK(density=0.5, block=2))
+    with pytest.raises(CodecError, match="kept count"):  # more values than this round allows
+        decode(encode(SMALL, TopK(density=1.0)), SMALL_LAYOUT, TopK(density=0.25))
 
 
 def test_wrong_record_shape_is_rejected():
