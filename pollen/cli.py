@@ -22,10 +22,12 @@ def main(argv: list[str] | None = None) -> int:
     comp = commands.add_parser("compare", help="compare strategies and codecs on the same partitions and seeds")
     comp.add_argument("config", help="compare config, e.g. simulations/configs/compare.yaml")
     comp.add_argument("--output", help="report folder (default: the config's output_dir/<timestamp>)")
+    comp.add_argument("--threads", type=int, help="torch threads (default: one per core; 1 suits small "
+                      "models on a busy machine)")
     comp.add_argument("-v", "--verbose", action="store_true", help="show Flower's log")
     args = parser.parse_args(argv)
     if args.command == "compare":
-        return compare_command(parser, args.config, args.output, args.verbose)
+        return compare_command(parser, args.config, args.output, args.verbose, args.threads)
     try:
         config = load_config(args.config, args.overrides)
         check_strategy(config)
@@ -41,7 +43,8 @@ def check_strategy(config) -> None:
     check(config)
 
 
-def compare_command(parser: argparse.ArgumentParser, path: str, output: str | None, verbose: bool) -> int:
+def compare_command(parser: argparse.ArgumentParser, path: str, output: str | None, verbose: bool,
+                    threads: int | None = None) -> int:
     from pathlib import Path
 
     import torch
@@ -53,9 +56,9 @@ def compare_command(parser: argparse.ArgumentParser, path: str, output: str | No
         compare = load_compare(path)
     except ConfigError as error:
         parser.exit(2, f"pollen: config error: {error}\n")
-    torch.set_num_threads(os.cpu_count() or 1)
-    if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    if not verbose:  # many runs: keep Flower's per-run notices out of the table's way
+        logging.getLogger("flwr").setLevel(logging.ERROR)
     console = Console()
     console.print(f"[bold]pollen compare[/]: {len(compare.variants)} variants x {len(compare.seeds)} seeds, "
                   f"{compare.base.federation.rounds} rounds each, target accuracy {compare.target_accuracy}")

@@ -100,6 +100,9 @@ class CompressedUpdates(Strategy):
             traffic.accepted += 1
             accepted.append(reply)
         arrays, metrics = self.inner.aggregate_train(server_round, accepted)
+        if arrays is not None:  # keep the model's dtypes: FedAdam & co. return float64 under NumPy 2
+            arrays = ArrayRecord({name: Array(array.numpy().astype(global_arrays[name].dtype, copy=False))
+                                  for name, array in arrays.items()})
         if metrics is not None:
             self.train_metrics[server_round] = metrics
         return arrays, metrics

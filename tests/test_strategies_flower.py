@@ -39,16 +39,17 @@ def test_all_flower_strategies_are_registered_as_flower_classes():
 def test_wrapped_strategy_equals_flower_on_dense_updates(name):
     wrapped = make_strategy(name, Identity(), PARAMS.get(name, {}), **sampling(CLIENTS))
     plain = STRATEGIES[name](**sampling(CLIENTS), **PARAMS.get(name, {}))
-    ours, theirs = dict(GLOBAL), dict(GLOBAL)
+    current = dict(GLOBAL)
     for server_round in (1, 2):  # two rounds: momentum and adaptive state carry over
         deltas = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in GLOBAL.items()}
                   for _ in range(CLIENTS)]
         sizes = [10 + 7 * i for i in range(CLIENTS)]
-        ours = run_round(wrapped, ours, deltas, sizes, Identity(), server_round=server_round)
-        theirs = run_round(plain, theirs, deltas, sizes, dense=True, server_round=server_round)
-        for key in GLOBAL:
-            np.testing.assert_array_equal(ours[key], theirs[key])
-            assert not np.array_equal(ours[key], GLOBAL[key])
+        ours = run_round(wrapped, current, deltas, sizes, Identity(), server_round=server_round)
+        theirs = run_round(plain, current, deltas, sizes, dense=True, server_round=server_round)
+        for key in GLOBAL:  # Flower's result, in the model's dtype (see the dtype test below)
+            np.testing.assert_array_equal(ours[key], theirs[key].astype(GLOBAL[key].dtype))
+            assert not np.array_equal(ours[key], current[key])
+        current = ours
 
 
 def test_fedprox_sends_proximal_mu_to_clients():
@@ -57,3 +58,33 @@ def test_fedprox_sends_proximal_mu_to_clients():
     strategy = make_strategy("fedprox", Identity(), {"proximal_mu": 0.25}, **sampling(3))
     messages = configure(strategy, GLOBAL)
     assert messages[0].content["config"]["proximal-mu"] == 0.25
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi", "fedadagrad"])
+def test_the_global_model_keeps_its_dtype_through_adaptive_strategies(name):
+    # Flower's FedOpt family computes in float64 under NumPy 2; a float64 global would
+    # double every downlink message.
+    wrapped = make_strategy(name, Identity(), PARAMS.get(name, {}), **sampling(3))
+    deltas = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in GLOBAL.items()} for _ in range(3)]
+    new = run_round(wrapped, GLOBAL, deltas, [1, 2, 3], Identity())
+    assert all(new[k].dtype == np.float32 for k in GLOBAL)
+
+
+def test_clients_add_the_proximal_term_fedprox_asks_for():
+    import torch
+    from torch import nn
+
+    from client.training import train_locally
+    from pollen.data import Split
+
+    generator = torch.Generator().manual_seed(0)
+    data = Split(torch.randn(64, 3, 2, 2, generator=generator), torch.randint(0, 3, (64,), generator=generator))
+
+    def drift(mu: float) -> float:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+        start = [p.detach().clone() for p in model.parameters()]
+        train_locally(model, data, epochs=5, batch_size=8, lr=0.05, proximal_mu=mu)
+        return sum(float((p.detach() - p0).norm()) for p, p0 in zip(model.parameters(), start))
+
+    assert drift(10.0) < 0.5 * drift(0.0)

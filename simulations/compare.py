@@ -1,0 +1,249 @@
+"""``pollen compare``: several strategies and codecs, the same partitions and seeds, one report.
+
+A compare config names a base run config, the variants to compare (each a set of
+run-config overrides, e.g. ``federation.strategy: fedadam`` or ``codec.name:
+identity``) and the seeds. Every variant runs once per seed; with the same seed,
+variants share the data split, the client partitions and the initial arrays, so
+differences come from the strategy or codec alone. The report folder holds:
+
+    table.txt               the table printed to the terminal
+    summary.csv             one row per variant (mean and std over seeds)
+    rounds.csv              one row per variant, seed and round
+    accuracy_by_round.png   mean accuracy over seeds (band: min to max) by round
+    accuracy_by_mb.png      the same by cumulative uplink + downlink MB
+    runs/<variant>/seed-<n> each run's own record, plot and checkpoint
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import yaml  # noqa: E402
+from rich import box  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from pollen.config import Config, ConfigError, from_flat, load_config, to_flat  # noqa: E402
+from server.records import RoundRecord  # noqa: E402
+from simulations.run import simulate  # noqa: E402
+from strategies import check_strategy  # noqa: E402
+
+MB = 1e6
+KEYS = ("run", "set", "seeds", "target_accuracy", "output_dir", "variants")
+FILES = ("table.txt", "summary.csv", "rounds.csv", "accuracy_by_round.png", "accuracy_by_mb.png")
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    base: Config
+    variants: tuple[tuple[str, Config], ...]  # label, run config (its seed is replaced per run)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    target_accuracy: float = 0.8
+    output_dir: str = "runs/compare"
+
+
+@dataclass(frozen=True)
+class RunResult:
+    variant: str
+    seed: int
+    records: list[RoundRecord]
+    wall_seconds: float
+
+    def cumulative_mb(self) -> list[float]:
+        """Uplink + downlink MB on the wire up to and including each round."""
+        return list(np.cumsum([r.uplink_bytes + r.downlink_bytes for r in self.records]) / MB)
+
+    def round_to_target(self, target: float) -> int | None:
+        """The first round whose accuracy reaches ``target`` (None: never)."""
+        return next((r.round for r in self.records if r.accuracy >= target), None)
+
+
+@dataclass(frozen=True)
+class VariantSummary:
+    variant: str
+    strategy: str
+    codec: str
+    final_accuracy_mean: float
+    final_accuracy_std: float
+    reached: int  # seeds whose run reached the target accuracy
+    seeds: int
+    rounds_to_target: float | None  # mean over the seeds that reached it
+    mb_to_target: float | None
+    total_mb: float
+    wall_seconds: float
+
+
+@dataclass(frozen=True)
+class CompareReport:
+    folder: Path
+    summaries: list[VariantSummary]
+    results: list[RunResult]
+    table: Table
+    files: tuple[str, ...] = FILES
+
+
+def load_compare(path: str | Path) -> CompareConfig:
+    """Read and check a compare config; every variant's run config and strategy are checked."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"compare config not found: {path}")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    unknown = sorted(set(values) - set(KEYS))
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown key (known: {', '.join(KEYS)})")
+    base_path = values.get("run")
+    base = load_config(path.parent / base_path if base_path else None)
+    base = with_overrides(base, values.get("set") or {}, "set")
+    seeds = values.get("seeds", [0, 1, 2])
+    if not (isinstance(seeds, list) and seeds and all(type(s) is int for s in seeds)) or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds: expected a list of distinct integers, got {seeds!r}")
+    target = values.get("target_accuracy", 0.8)
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1:
+        raise ConfigError(f"target_accuracy: must be in (0, 1], got {target!r}")
+    variants = values.get("variants")
+    if not isinstance(variants, dict) or not variants:
+        raise ConfigError("variants: expected a mapping of names to run-config overrides")
+    built = []
+    for label, overrides in variants.items():
+        config = with_overrides(base, overrides or {}, f"variants.{label}")
+        try:
+            check_strategy(config)
+        except ConfigError as error:
+            raise ConfigError(f"variants.{label}: {error}") from None
+        built.append((str(label), config))
+    return CompareConfig(base, tuple(built), tuple(seeds), float(target),
+                         str(values.get("output_dir", "runs/compare")))
+
+
+def with_overrides(config: Config, values: Mapping[str, Any], where: str) -> Config:
+    """``config`` with flat ``key: value`` overrides, checked as ``--set`` checks them."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping of run-config keys, got {values!r}")
+    flat = to_flat(config)
+    for key, value in values.items():
+        if key not in flat and not str(key).startswith("strategy."):
+            raise ConfigError(f"{where}.{key}: unknown key (known: {', '.join(sorted(flat))})")
+        flat[key] = value
+    try:
+        return from_flat(flat)
+    except ConfigError as error:
+        raise ConfigError(f"{where}: {error}") from None
+
+
+def run_compare(compare: CompareConfig, folder: Path | None = None,
+                on_run: Callable[[str], None] | None = None) -> CompareReport:
+    """Run every variant with every seed, then write the report into ``folder``."""
+    folder = folder or Path(compare.output_dir) / datetime.now().strftime("%Y%m%d-%H%M%S")
+    folder.mkdir(parents=True, exist_ok=True)
+    results = []
+    for label, variant in compare.variants:
+        for seed in compare.seeds:
+            config = dataclasses.replace(variant, seed=seed)
+            started = time.perf_counter()
+            _, records = simulate(config, folder / "runs" / label / f"seed-{seed}")
+            result = RunResult(label, seed, records, time.perf_counter() - started)
+            results.append(result)
+            if on_run:
+                on_run(f"{label} seed {seed}: final accuracy {records[-1].accuracy:.4f}, "
+                       f"{result.cumulative_mb()[-1]:.2f} MB, {result.wall_seconds:.1f} s")
+    summaries = [summarize(label, config, [r for r in results if r.variant == label], compare.target_accuracy)
+                 for label, config in compare.variants]
+    table = summary_table(summaries, compare.target_accuracy)
+    write_report(folder, compare, summaries, results, table)
+    return CompareReport(folder, summaries, results, table)
+
+
+def summarize(label: str, config: Config, results: list[RunResult], target: float) -> VariantSummary:
+    finals = np.array([r.records[-1].accuracy for r in results])
+    reached = [(r.round_to_target(target), r) for r in results]
+    reached = [(rnd, r) for rnd, r in reached if rnd is not None]
+    codec = config.codec
+    return VariantSummary(
+        variant=label, strategy=config.federation.strategy,
+        codec=f"topk {codec.density:g} {codec.bits}-bit" if codec.name == "topk" else codec.name,
+        final_accuracy_mean=float(finals.mean()),
+        final_accuracy_std=float(finals.std(ddof=1)) if finals.size > 1 else 0.0,
+        reached=len(reached), seeds=len(results),
+        rounds_to_target=float(np.mean([rnd for rnd, _ in reached])) if reached else None,
+        mb_to_target=float(np.mean([r.cumulative_mb()[rnd] for rnd, r in reached])) if reached else None,
+        total_mb=float(np.mean([r.cumulative_mb()[-1] for r in results])),
+        wall_seconds=float(np.mean([r.wall_seconds for r in results])),
+    )
+
+
+def summary_table(summaries: list[VariantSummary], target: float) -> Table:
+    table = Table(title=f"pollen compare: mean over seeds; target accuracy {target:g}; "
+                        "MB = uplink + downlink on the wire; (k/n) = seeds that reached the target",
+                  title_justify="left", box=box.SIMPLE_HEAD)
+    table.add_column("variant", no_wrap=True)
+    for column in ("final acc", "rounds\nto target", "MB\nto target", "total\nMB", "wall\ns"):
+        table.add_column(column, justify="right", no_wrap=True)
+    for s in summaries:
+        partial = f" ({s.reached}/{s.seeds})" if s.reached < s.seeds else ""
+        table.add_row(
+            s.variant,
+            f"{s.final_accuracy_mean:.3f}±{s.final_accuracy_std:.3f}",
+            "never" if s.rounds_to_target is None else f"{s.rounds_to_target:.1f}{partial}",
+            "-" if s.mb_to_target is None else f"{s.mb_to_target:.2f}",
+            f"{s.total_mb:.2f}", f"{s.wall_seconds:.1f}",
+        )
+    return table
+
+
+def write_report(folder: Path, compare: CompareConfig, summaries: list[VariantSummary],
+                 results: list[RunResult], table: Table) -> None:
+    text = io.StringIO()
+    Console(file=text, width=140, color_system=None).print(table)
+    (folder / "table.txt").write_text(text.getvalue())
+    with (folder / "summary.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=[f.name for f in dataclasses.fields(VariantSummary)])
+        writer.writeheader()
+        writer.writerows(dataclasses.asdict(s) for s in summaries)
+    with (folder / "rounds.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["variant", "seed", "round", "accuracy", "loss", "f1", "uplink_bytes",
+                         "downlink_bytes", "cumulative_mb", "wall_seconds"])
+        for result in results:
+            for record, mb in zip(result.records, result.cumulative_mb()):
+                writer.writerow([result.variant, result.seed, record.round, record.accuracy, record.loss,
+                                 record.f1, record.uplink_bytes, record.downlink_bytes, mb,
+                                 record.wall_seconds])
+    plot_curves(folder / "accuracy_by_round.png", results, [label for label, _ in compare.variants],
+                by_mb=False, target=compare.target_accuracy)
+    plot_curves(folder / "accuracy_by_mb.png", results, [label for label, _ in compare.variants],
+                by_mb=True, target=compare.target_accuracy)
+
+
+def plot_curves(path: Path, results: list[RunResult], labels: list[str], by_mb: bool, target: float) -> None:
+    """Mean accuracy over seeds per variant, with a min-max band, by round or by cumulative MB."""
+    fig, axis = plt.subplots(figsize=(8, 5))
+    for label in labels:
+        runs = [r for r in results if r.variant == label]
+        accuracy = np.array([[rec.accuracy for rec in r.records] for r in runs])
+        x = np.mean([r.cumulative_mb() for r in runs], axis=0) if by_mb else [rec.round for rec in runs[0].records]
+        line, = axis.plot(x, accuracy.mean(axis=0), marker="o", markersize=3, label=label)
+        axis.fill_between(x, accuracy.min(axis=0), accuracy.max(axis=0), color=line.get_color(), alpha=0.15)
+    axis.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:g}")
+    axis.set(xlabel="cumulative uplink + downlink MB on the wire" if by_mb else "round",
+             ylabel="test accuracy", title="Accuracy by traffic" if by_mb else "Accuracy by round")
+    axis.set_xlim(left=0)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
