@@ -346,7 +346,11 @@ def _read_topk(reader: ByteReader, layout: Layout, codec: TopK) -> tuple[np.ndar
     if bits > 1 and codes.size and codes.max() > 2 * _max_level(bits):
         raise CodecError(f"value level out of range for {bits} bits")
     reader.finish()
-    return indices, _dequantize(codes, raw_scales.astype(np.uint16), starts, bits).astype(np.float32)
+    with np.errstate(over="ignore"):
+        values = _dequantize(codes, raw_scales.astype(np.uint16), starts, bits)
+    if not np.isfinite(values).all():
+        raise CodecError("scale too large: decoded values overflow float32")
+    return indices, values
 
 
 def _read_indices(reader: ByteReader, kept: int, size: int) -> np.ndarray:

@@ -27,6 +27,7 @@ from flwr.serverapp.strategy import (
 
 from pollen.codec import Codec
 from pollen.config import Config, ConfigError
+from strategies.broadcast import Broadcast
 from strategies.compressed import CompressedUpdates, RoundTraffic
 from strategies.fednova import FedNova
 from strategies.sparse_fedavg import SparseFedAvg
@@ -124,7 +125,7 @@ def check_params(name: str, params: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def make_strategy(name: str, codec: Codec, params: Mapping[str, Any] | None = None,
-                  **sampling) -> CompressedUpdates:
+                  downlink: Broadcast | None = None, **sampling) -> CompressedUpdates:
     """``make_strategy("fedadam", TopK(0.01), {"eta": 0.01}, fraction_train=0.1)`` -> wrapped strategy.
 
     ``params`` are the user's (checked); ``sampling`` are Pollen's own settings.
@@ -135,7 +136,7 @@ def make_strategy(name: str, codec: Codec, params: Mapping[str, Any] | None = No
         inner = cls(**sampling, **settings)
     except (TypeError, ValueError) as error:  # a value the strategy itself refuses
         raise StrategyError(f"strategy: {name} rejected {settings}: {error}") from error
-    return CompressedUpdates(inner, codec)
+    return CompressedUpdates(inner, codec, downlink)
 
 
 def check_strategy(config: Config) -> None:

@@ -6,6 +6,10 @@ into dense local arrays (global + delta) and hands those to the inner Flower
 strategy, which then aggregates exactly as it would dense models. A reply that
 fails any check is dropped and logged; the round goes on with the rest.
 
+With a ``Broadcast`` (strategies/broadcast.py) the way down is compressed too:
+each node gets only the change of the global arrays since the version it holds,
+and the global arrays move by the encoded step of what the inner strategy proposed.
+
 It also counts the bytes that cross the wire each round, in both directions.
 """
 
@@ -22,6 +26,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from pollen.codec import Codec, CodecError, codec_to_config, decode, decode_sparse, layout_of, wire_bytes
+from strategies.broadcast import Broadcast
 from strategies.sparse_deltas import sparse_delta_record
 
 # What a train reply's MetricRecord must carry; only these reach the inner strategy.
@@ -47,15 +52,17 @@ class RoundTraffic:
 class CompressedUpdates(Strategy):
     """Decode, validate and delegate: ``CompressedUpdates(FedAvg(...), TopK(0.01))``."""
 
-    def __init__(self, inner: Strategy, codec: Codec) -> None:
+    def __init__(self, inner: Strategy, codec: Codec, downlink: Broadcast | None = None) -> None:
         self.inner = inner
         self.codec = codec
+        self.downlink = downlink  # None: dense fp32 global arrays in every message
         self.traffic: dict[int, RoundTraffic] = {}
         self.train_metrics: dict[int, MetricRecord] = {}  # the inner strategy's aggregate
         self._global: ArrayRecord | None = None
 
     def summary(self) -> None:
-        log(INFO, "\t> CompressedUpdates with codec %s around:", self.codec)
+        log(INFO, "\t> CompressedUpdates with codec %s, downlink %s, around:", self.codec,
+            self.downlink.codec if self.downlink else "dense fp32")
         self.inner.summary()
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -63,8 +70,7 @@ class CompressedUpdates(Strategy):
         self._global = arrays
         config = ConfigRecord({**config, **codec_to_config(self.codec)})
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
-        self._count_downlink(server_round, messages)
-        return messages
+        return self._send(server_round, messages, arrays)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -75,6 +81,9 @@ class CompressedUpdates(Strategy):
         global_arrays = {name: array.numpy() for name, array in self._global.items()}
         dense_bytes = wire_bytes(self._global)
         accepted = []
+        replies = list(replies)
+        if self.downlink:
+            self.downlink.replied(replies)
         for reply in replies:
             if reply.has_error():
                 traffic.failed += 1
@@ -103,6 +112,8 @@ class CompressedUpdates(Strategy):
         if arrays is not None:  # keep the model's dtypes: FedAdam & co. return float64 under NumPy 2
             arrays = ArrayRecord({name: Array(array.numpy().astype(global_arrays[name].dtype, copy=False))
                                   for name, array in arrays.items()})
+            if self.downlink:
+                arrays = self.downlink.advance(self._global, arrays)
         if metrics is not None:
             self.train_metrics[server_round] = metrics
         return arrays, metrics
@@ -110,16 +121,22 @@ class CompressedUpdates(Strategy):
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         messages = list(self.inner.configure_evaluate(server_round, arrays, config, grid))
-        self._count_downlink(server_round, messages)
-        return messages
+        return self._send(server_round, messages, arrays)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = list(replies)
+        if self.downlink:
+            self.downlink.replied(replies)
         return self.inner.aggregate_evaluate(server_round, replies)
 
-    def _count_downlink(self, server_round: int, messages: list[Message]) -> None:
+    def _send(self, server_round: int, messages: list[Message], arrays: ArrayRecord) -> list[Message]:
+        """Address each message's arrays (downlink compression) and count the bytes."""
+        if self.downlink:
+            messages = self.downlink.address(messages, arrays)
         traffic = self.traffic.setdefault(server_round, RoundTraffic())
         for message in messages:
             traffic.downlink += sum(wire_bytes(r) for r in message.content.array_records.values())
+        return messages
 
 
 def _single(records: dict, kind: str):

@@ -221,6 +221,12 @@ def test_bad_scales_are_rejected(scale):
         decode(record_of(blob), SMALL_LAYOUT, CODEC)
 
 
+def test_scale_that_overflows_float32_is_rejected():
+    blob = hand_made(1, 0, bytes([0b0111_1111]), b"", struct.pack("<H", 0x7F7F), bytes([254]))
+    with pytest.raises(CodecError, match="overflow"):
+        decode(record_of(blob), SMALL_LAYOUT, CODEC)
+
+
 def test_payload_must_use_the_rounds_codec_settings():
     record = encode(SMALL, CODEC)
     with pytest.raises(CodecError, match="4, this round expects 8|8-bit values, this round expects 4"):

@@ -1,0 +1,160 @@
+"""Downlink compression: versioned global steps on the server, rebuilt on the client."""
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.global_copy import GlobalCopy
+from pollen.codec import Identity, TopK, encode, wire_bytes
+from pollen.downlink import FULL, DownlinkError, arrays_crc, chain_message, full_message, rebuild
+from strategies import make_strategy
+from strategies.broadcast import Broadcast
+
+rng = np.random.default_rng(3)
+INITIAL = {"w": rng.normal(size=(40, 50)).astype(np.float32), "b": rng.normal(size=(50,)).astype(np.float32)}
+LAYOUT = {k: v.shape for k, v in INITIAL.items()}
+NODES = [1, 2, 3, 4]
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+
+
+class FixedGrid:
+    def get_node_ids(self):
+        return NODES
+
+
+def as_record(arrays):
+    return ArrayRecord({k: Array(np.asarray(v, np.float32)) for k, v in arrays.items()})
+
+
+def nudged(arrays, scale=0.01, density=0.05):
+    """A sparse change of the arrays, like one round of sparse FedAvg."""
+    out = {}
+    for name, value in arrays.items():
+        mask = rng.random(value.shape) < density
+        out[name] = (value + scale * mask * rng.normal(size=value.shape)).astype(np.float32)
+    return out
+
+
+def reply_to(message, ok=True):
+    if not ok:
+        return Message(Error(code=0, reason="gone"), reply_to=message)
+    return Message(RecordDict({"metrics": MetricRecord({"num-examples": 1})}), reply_to=message)
+
+
+def send(broadcast, nodes, arrays):
+    messages = [Message(RecordDict({"arrays": as_record(arrays), "config": ConfigRecord({"lr": 0.1})}),
+                        node, "train") for node in nodes]
+    return broadcast.address(messages, as_record(arrays))
+
+
+def test_steps_rebuild_the_global_arrays_exactly_and_lose_nothing():
+    broadcast = Broadcast(TopK(density=0.5, bits=4), INITIAL)
+    current, proposed_total = as_record(INITIAL), {k: np.zeros_like(v) for k, v in INITIAL.items()}
+    for _ in range(4):
+        proposed = nudged({k: v.numpy() for k, v in current.items()}, density=0.02)
+        for k in proposed:
+            proposed_total[k] += proposed[k] - current[k].numpy()
+        current = broadcast.advance(current, as_record(proposed))
+    (message,) = send(broadcast, [1], {k: v.numpy() for k, v in current.items()})
+    assert message.content["config"]["downlink.kind"] == "chain"
+    assert list(message.content["arrays"]) == ["step-1", "step-2", "step-3", "step-4"]
+    client = GlobalCopy(RecordDict(), lambda: INITIAL)
+    rebuilt = client.receive(message.content["arrays"], message.content["config"])
+    for k in INITIAL:
+        assert np.array_equal(rebuilt[k], current[k].numpy())
+        # sent steps + what the server still holds back == everything the strategy proposed
+        np.testing.assert_allclose(current[k].numpy() - INITIAL[k] + broadcast._residual[k],
+                                   proposed_total[k], atol=1e-5)
+    assert message.content["config"]["lr"] == 0.1  # the round's settings still travel
+
+
+def test_a_client_that_replied_gets_only_the_new_steps():
+    broadcast = Broadcast(TopK(density=1.0), INITIAL)
+    client = GlobalCopy(RecordDict(), lambda: INITIAL)
+    current = as_record(INITIAL)
+    for round_ in range(3):
+        current = broadcast.advance(current, as_record(nudged({k: v.numpy() for k, v in current.items()})))
+        (message,) = send(broadcast, [1], {k: v.numpy() for k, v in current.items()})
+        assert list(message.content["arrays"]) == [f"step-{round_ + 1}"]
+        rebuilt = client.receive(message.content["arrays"], message.content["config"])
+        assert all(np.array_equal(rebuilt[k], current[k].numpy()) for k in INITIAL)
+        broadcast.replied([reply_to(message)])
+    assert client.held()[1] == 3
+
+
+def test_unknown_or_far_behind_clients_get_the_full_arrays_at_8_bits():
+    broadcast = Broadcast(TopK(density=1.0), INITIAL)
+    current = as_record(INITIAL)
+    (lost,) = send(broadcast, [2], INITIAL)
+    broadcast.replied([reply_to(lost, ok=False)])  # node 2: version unknown now
+    for _ in range(30):  # dense steps: a long chain costs more than the full arrays
+        current = broadcast.advance(current, as_record(nudged({k: v.numpy() for k, v in current.items()}, density=0.9)))
+    unknown, behind = send(broadcast, [2, 3], {k: v.numpy() for k, v in current.items()})
+    for message in (unknown, behind):
+        assert message.content["config"]["downlink.kind"] == "full"
+        rebuilt = GlobalCopy(RecordDict(), lambda: INITIAL).receive(message.content["arrays"],
+                                                                    message.content["config"])
+        for k in INITIAL:
+            step = np.abs(current[k].numpy()).max() / 127
+            assert np.abs(rebuilt[k] - current[k].numpy()).max() <= step
+    assert min(broadcast.steps) > 1  # steps no chain will use again are gone
+    assert wire_bytes(unknown.content["arrays"]) < wire_bytes(as_record(INITIAL)) / 3.5
+
+
+def test_client_refuses_steps_that_do_not_fit_what_it_holds():
+    broadcast = Broadcast(TopK(density=1.0), INITIAL)
+    current = broadcast.advance(as_record(INITIAL), as_record(nudged(INITIAL)))
+    record, config = chain_message(broadcast.steps, 0, 1, broadcast.codec, arrays_crc(INITIAL))
+    other_start = {k: v + 1 for k, v in INITIAL.items()}
+    with pytest.raises(DownlinkError, match="initial arrays differ"):
+        rebuild(record, config, LAYOUT, other_start, 0)
+    with pytest.raises(DownlinkError, match="from version 0, this client holds version 1"):
+        rebuild(record, config, LAYOUT, INITIAL, 1)
+    with pytest.raises(DownlinkError, match="expected arrays"):
+        rebuild(ArrayRecord(), config, LAYOUT, INITIAL, 0)
+    with pytest.raises(DownlinkError, match="bad downlink payload"):
+        rebuild(record, config, {"w": (40, 50)}, INITIAL, 0)
+    with pytest.raises(DownlinkError, match="unknown downlink kind"):
+        rebuild(record, {**config, "downlink.kind": "zip"}, LAYOUT, INITIAL, 0)
+    with pytest.raises(DownlinkError, match="downlink.version"):
+        rebuild(record, {**config, "downlink.version": -1}, LAYOUT, INITIAL, 0)
+    assert np.array_equal(rebuild(record, config, LAYOUT, INITIAL, 0)[0]["w"], current["w"].numpy())
+
+
+def test_full_message_round_trip():
+    record, config = full_message(INITIAL, 7)
+    arrays, version = rebuild(record, config, LAYOUT, None, None)
+    assert version == 7
+    np.testing.assert_allclose(arrays["w"], INITIAL["w"], atol=np.abs(INITIAL["w"]).max() / 127)
+    assert FULL.bits == 8
+
+
+def test_dense_global_arrays_are_checked_by_the_client():
+    client = GlobalCopy(RecordDict(), lambda: INITIAL)
+    assert np.array_equal(client.receive(as_record(INITIAL), {})["b"], INITIAL["b"])
+    with pytest.raises(DownlinkError, match="bad global arrays"):
+        client.receive(as_record({"w": INITIAL["w"]}), {})
+    assert client.held()[1] == 0  # nothing kept from dense messages
+
+
+def test_wrapped_strategy_sends_steps_and_counts_the_smaller_downlink():
+    dense = make_strategy("fedavg", Identity(), min_available_nodes=4, min_train_nodes=4)
+    sparse = make_strategy("fedavg", Identity(), downlink=Broadcast(TopK(density=0.1), INITIAL),
+                           min_available_nodes=4, min_train_nodes=4)
+    for strategy in (dense, sparse):
+        current = as_record(INITIAL)
+        for server_round in (1, 2):
+            messages = list(strategy.configure_train(server_round, current, ConfigRecord({"lr": 0.1}), FixedGrid()))
+            deltas = [{k: (0.01 * rng.normal(size=v.shape)).astype(np.float32) for k, v in INITIAL.items()}
+                      for _ in messages]
+            replies = [Message(RecordDict({"arrays": encode(d, Identity()), "metrics": MetricRecord(
+                {"num-examples": 5, "train-loss": 1.0, "train-seconds": 0.1})}), reply_to=m)
+                for m, d in zip(messages, deltas)]
+            current, _ = strategy.aggregate_train(server_round, replies)
+    assert sparse.traffic[2].downlink < dense.traffic[2].downlink / 5
+    assert sparse.downlink.version == 2 and set(sparse.downlink.node_versions.values()) == {1}
