@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from pollen.cli import main
-from pollen.config import ConfigError
-from simulations.compare import FILES, load_compare
+from pollen.config import ConfigError, load_config
+from server.records import RoundRecord
+from simulations.compare import FILES, RunResult, load_compare, summarize
 
 TINY = Path("simulations/configs/tiny.yaml").resolve()
 
@@ -86,3 +87,23 @@ def test_cli_reports_a_bad_compare_config(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["compare", str(write(tmp_path, "variants:\n  a: {codec.density: 2}\n"))])
     assert exit_info.value.code == 2 and "codec.density" in capsys.readouterr().err
+
+
+def test_summary_counts_rounds_and_megabytes_to_the_target():
+    def run(seed, accuracies):
+        records = [RoundRecord(round=i, accuracy=a, loss=1.0, precision=a, recall=a, f1=a, train_loss=None,
+                               clients=2, rejected=0, failed=0, uplink_bytes=1_000_000 * (i > 0),
+                               downlink_bytes=2_000_000 * (i > 0), dense_uplink_bytes=0, compression=None,
+                               round_seconds=1.0, wall_seconds=float(i))
+                   for i, a in enumerate(accuracies)]
+        return RunResult("v", seed, records, wall_seconds=10.0 + seed)
+
+    config = load_config(TINY)
+    summary = summarize("v", config, [run(0, [0.1, 0.5, 0.8, 0.9]), run(1, [0.1, 0.6, 0.7, 0.75]),
+                                      run(2, [0.1, 0.2, 0.3, 0.4])], target=0.7)
+    assert (summary.reached, summary.seeds) == (2, 3)
+    assert summary.rounds_to_target == pytest.approx((2 + 2) / 2)
+    assert summary.mb_to_target == pytest.approx(6.0)  # two rounds of 1 MB up + 2 MB down
+    assert summary.total_mb == pytest.approx(9.0)
+    assert summary.final_accuracy_mean == pytest.approx((0.9 + 0.75 + 0.4) / 3)
+    assert summary.wall_seconds == pytest.approx(11.0)

@@ -106,3 +106,19 @@ def test_grouping_sorts_each_coordinates_values():
     coordinates, starts, counts, values = grouped_by_coordinate(deltas)
     assert coordinates.tolist() == [1, 4] and counts.tolist() == [1, 2]
     assert values[starts[1]:starts[1] + 2].tolist() == [-5.0, -1.0]
+
+
+@pytest.mark.parametrize("codec", [TopK(density=0.05), TopK(density=0.05, scope="model"), Identity()])
+def test_decode_sparse_holds_exactly_what_decode_scatters(codec):
+    from pollen.codec import decode, decode_sparse, encode, layout_of
+
+    delta = random_deltas(1)[0]
+    payload = encode(delta, codec)
+    indices, values = decode_sparse(payload, layout_of(delta), codec)
+    dense = np.concatenate([v.reshape(-1) for v in decode(payload, layout_of(delta), codec).values()])
+    assert np.all(np.diff(indices) > 0) and indices.dtype == np.int64 and values.dtype == np.float32
+    expected = np.zeros_like(dense)
+    expected[indices] = values
+    np.testing.assert_array_equal(expected, dense)
+    if isinstance(codec, TopK):
+        assert indices.size <= 0.06 * dense.size
