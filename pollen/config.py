@@ -138,6 +138,8 @@ class StrategyParams:
         if not isinstance(values, dict):
             raise ConfigError(f"strategy: expected a mapping of parameters, got {values!r}")
         for key, value in values.items():
+            if not isinstance(key, str) or not key.isidentifier():
+                raise ConfigError(f"strategy.{key}: not a parameter name")
             if not isinstance(value, (str, int, float, bool)):
                 raise ConfigError(f"strategy.{key}: expected a number, string or boolean, got {value!r}")
         return cls(tuple(sorted(values.items())))

@@ -100,6 +100,9 @@ def test_yaml_strategy_section_is_checked_against_the_chosen_strategy(tmp_path):
         check_strategy(load_config(path, ["strategy.etta=1"]))
     with pytest.raises(ConfigError, match="strategy.eta: expected a number"):
         load_config(overrides=["strategy.eta=[1, 2]"])
+    path.write_text("strategy:\n  1: 0.5\n  eta: 0.1\n")
+    with pytest.raises(ConfigError, match="strategy.1: not a parameter name"):
+        load_config(path)
 
 
 def test_cli_names_a_bad_strategy_parameter_before_running(capsys):
