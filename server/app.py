@@ -14,13 +14,14 @@ import yaml
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from pollen.codec import Codec, codec_from_config
+from pollen.codec import Codec, TopK, codec_from_config
 from pollen.config import Config, from_flat, to_flat
 from pollen.data import load_dataset
 from pollen.metrics import evaluate
 from pollen.models import initial_arrays, load_model, load_trainable
 from server.records import RoundRecord, RunRecord
 from strategies import RoundTraffic, make_strategy
+from strategies.broadcast import Broadcast
 
 NUM_CLASSES = 10
 CHECKPOINT = "checkpoint.pt"
@@ -47,6 +48,13 @@ def codec_of(config: Config) -> Codec:
     return codec_from_config(to_flat(config), prefix="codec.")
 
 
+def downlink_of(config: Config, initial: dict[str, np.ndarray]) -> Broadcast | None:
+    """The server side of downlink compression, or None for dense fp32 arrays every round."""
+    if config.downlink.name == "identity":
+        return None
+    return Broadcast(TopK(density=config.downlink.density, bits=config.downlink.bits), initial)
+
+
 def run_federation(grid: Grid, config: Config, folder: Path,
                    on_round: Callable[[RoundRecord], None] | None = None) -> list[RoundRecord]:
     """Run ``config.federation.rounds`` rounds on ``grid``; return one record per round (0 = start)."""
@@ -60,8 +68,9 @@ def run_federation(grid: Grid, config: Config, folder: Path,
     _, test_split = load_dataset(config.data.dataset, config.model.image_size,
                                  config.data.test_size, config.seed)
     fed = config.federation
+    start = initial_arrays(config.model, NUM_CLASSES, config.seed)
     strategy = make_strategy(
-        fed.strategy, codec_of(config), config.strategy.settings,
+        fed.strategy, codec_of(config), config.strategy.settings, downlink_of(config, start),
         fraction_train=fed.clients_per_round / fed.num_clients,
         min_train_nodes=fed.clients_per_round,
         min_available_nodes=fed.clients_per_round,
@@ -97,7 +106,7 @@ def run_federation(grid: Grid, config: Config, folder: Path,
             on_round(entry)
         return MetricRecord(metrics)
 
-    initial = ArrayRecord({name: Array(value) for name, value in initial_arrays(config.model, NUM_CLASSES, config.seed).items()})
+    initial = ArrayRecord({name: Array(value) for name, value in start.items()})
     train_config = ConfigRecord({
         "lr": config.train.lr,
         "local-epochs": config.train.local_epochs,

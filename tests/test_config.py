@@ -1,0 +1,34 @@
+import pytest
+
+from pollen.codec import TopK, codec_from_config
+from pollen.config import ConfigError, load_config, to_flat
+
+
+def test_default_yaml_restates_the_built_in_defaults():
+    assert load_config("simulations/configs/default.yaml") == load_config()
+
+
+def test_codec_settings_reach_the_codec():
+    config = load_config(overrides=["codec.bits=4", "codec.block=32", "codec.scope=model",
+                                    "codec.stochastic=true", "codec.density=0.05"])
+    assert codec_from_config(to_flat(config)) == TopK(density=0.05, bits=4, block=32, scope="model",
+                                                      stochastic=True)
+
+
+@pytest.mark.parametrize("override, named", [
+    ("codec.bits=0", "codec.bits"),
+    ("codec.scope=layer", "codec.scope"),
+    ("codec.block=-1", "codec.block"),
+    ("downlink.name=gzip", "downlink.name"),
+    ("downlink.density=0", "downlink.density"),
+    ("downlink.bits=1", "downlink.bits"),
+    ("downlink.rate=2", "downlink.rate"),
+])
+def test_bad_codec_and_downlink_settings_are_named(override, named):
+    with pytest.raises(ConfigError, match=named):
+        load_config(overrides=[override])
+
+
+def test_sign_values_cannot_be_rounded_stochastically():
+    with pytest.raises(ConfigError, match="codec.stochastic"):
+        load_config(overrides=["codec.bits=1", "codec.stochastic=true"])
