@@ -76,6 +76,8 @@ def simulate_command(config, output: str | None, verbose: bool) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+    from server.app import new_run_folder
+    from server.records import RunRecord, read_records
     from simulations.report import round_line, round_table
     from simulations.run import PLOT, simulate
 
@@ -89,6 +91,8 @@ def simulate_command(config, output: str | None, verbose: bool) -> int:
                   f"{fed.clients_per_round} per round, {fed.rounds} rounds, codec {config.codec.name}"
                   + (f" density {config.codec.density} {config.codec.bits}-bit"
                      if config.codec.name == "topk" else ""))
+    folder = Path(output) if output else new_run_folder(config)
+    interrupted = False
     with Progress(TextColumn("round {task.completed}/{task.total}"), BarColumn(),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=console) as progress:
         task = progress.add_task("rounds", total=fed.rounds)
@@ -97,16 +101,32 @@ def simulate_command(config, output: str | None, verbose: bool) -> int:
             progress.console.print(round_line(entry))
             progress.update(task, completed=entry.round)
 
-        folder, records = simulate(config, Path(output) if output else None, on_round)
+        try:
+            folder, records = simulate(config, folder, on_round)
+        except ConfigError as error:
+            console.print(f"pollen: config error: {error}")
+            return 2
+        except KeyboardInterrupt:  # stop cleanly: every finished round is already on disk
+            interrupted = True
+            records = read_records(folder) if (folder / RunRecord.FILENAME).exists() else []
+    if not records:
+        console.print("stopped before the first evaluation; nothing was written")
+        return 130
     console.print(round_table(records, title="Per-round results"))
     final = records[-1]
     up = sum(r.uplink_bytes for r in records)
     dense = sum(r.dense_uplink_bytes for r in records)
     console.print(f"final accuracy {final.accuracy:.4f}, macro F1 {final.f1:.4f}, "
                   f"uplink {up / 1e6:.2f} MB on the wire ({dense / max(up, 1):.0f}x smaller than dense fp32), "
-                  f"{final.wall_seconds:.0f} s")
+                  f"{final.wall_seconds:.0f} s"
+                  + ("" if final.simulated_seconds is None
+                     else f", {final.simulated_seconds / 60:.1f} min of simulated device time"))
     console.print(f"run record, plot and checkpoint: [bold]{folder}[/] "
                   f"(rounds.jsonl, {PLOT}, checkpoint.pt)")
+    if interrupted:
+        console.print(f"[yellow]stopped by Ctrl-C after round {final.round} of {fed.rounds}[/]; "
+                      "the rounds above are kept")
+        return 130
     return 0
 
 

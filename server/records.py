@@ -26,6 +26,13 @@ class RoundRecord:
     compression: float | None  # dense_uplink_bytes / uplink_bytes (None: nothing received)
     round_seconds: float
     wall_seconds: float  # since the run started
+    # Simulated devices (None when the run has no device profiles): the clock of the
+    # device model since the start, this round's share of it, and the sampled clients
+    # that dropped out or missed the round deadline.
+    simulated_seconds: float | None = None
+    simulated_round_seconds: float | None = None
+    dropouts: int = 0
+    stragglers: int = 0
 
 
 class RunRecord:

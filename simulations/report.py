@@ -23,7 +23,17 @@ def cumulative_uplink_mb(records: list[RoundRecord]) -> list[float]:
     return out
 
 
-COLUMNS = ("round", "acc", "loss", "F1", "train", "clients", "up KB", "down KB", "ratio", "s")
+def time_to_accuracy(records: list[RoundRecord], target: float) -> float | None:
+    """Simulated seconds until central accuracy first reaches ``target`` (None: never, or no clock)."""
+    for entry in records:
+        if entry.simulated_seconds is None:
+            return None
+        if entry.accuracy >= target:
+            return entry.simulated_seconds
+    return None
+
+
+COLUMNS = ("round", "acc", "loss", "F1", "train", "clients", "up KB", "down KB", "ratio", "s", "sim s")
 
 
 def round_table(records: list[RoundRecord], title: str = "Rounds") -> Table:
@@ -48,6 +58,7 @@ def round_row(entry: RoundRecord) -> list[str]:
         f"{entry.downlink_bytes / 1e3:.0f}",
         "-" if entry.compression is None else f"{entry.compression:.0f}x",
         f"{entry.round_seconds:.1f}",
+        "-" if entry.simulated_seconds is None else f"{entry.simulated_seconds:.0f}",
     ]
 
 
@@ -57,8 +68,10 @@ def round_line(entry: RoundRecord) -> str:
 
 
 def plot_run(records: list[RoundRecord], path: Path, label: str = "run") -> Path:
-    """Accuracy vs round and vs cumulative uplink MB, side by side, as a PNG."""
-    fig, (by_round, by_bytes) = plt.subplots(1, 2, figsize=(11, 4))
+    """Accuracy vs round, vs cumulative uplink MB and (with simulated devices) vs simulated time."""
+    simulated = all(entry.simulated_seconds is not None for entry in records)
+    fig, axes = plt.subplots(1, 3 if simulated else 2, figsize=(16 if simulated else 11, 4))
+    by_round, by_bytes = axes[:2]
     rounds = [entry.round for entry in records]
     accuracy = [entry.accuracy for entry in records]
     by_round.plot(rounds, accuracy, marker="o", label=label)
@@ -66,7 +79,11 @@ def plot_run(records: list[RoundRecord], path: Path, label: str = "run") -> Path
     by_bytes.plot(cumulative_uplink_mb(records), accuracy, marker="o", label=label)
     by_bytes.set(xlabel="cumulative uplink (MB on the wire)", ylabel="test accuracy",
                  title="Accuracy by uplink traffic")
-    for axis in (by_round, by_bytes):
+    if simulated:
+        axes[2].plot([entry.simulated_seconds / 60 for entry in records], accuracy, marker="o", label=label)
+        axes[2].set(xlabel="simulated time (min)", ylabel="test accuracy",
+                    title="Accuracy by simulated device time")
+    for axis in axes:
         axis.grid(alpha=0.3)
         axis.legend()
     fig.tight_layout()

@@ -4,15 +4,18 @@ import json
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.common.constant import ErrorCode
 
 from client.app import app as client_app
 from client.error_feedback import ErrorFeedback
 from pollen.codec import TopK, codec_to_config, decode, layout_of
 from pollen.config import load_config, to_flat
+from pollen.data import partition
 from pollen.models import initial_arrays
 from server.records import read_records
+from simulations.client_state import SpilledStates, client_states
 from simulations.inprocess import InProcessGrid
-from simulations.run import PLOT, simulate
+from simulations.run import PLOT, simulate, simulated_federation
 
 TINY = "simulations/configs/tiny.yaml"
 
@@ -51,10 +54,11 @@ def test_same_seed_same_run(tiny_run, tmp_path):
     assert [r.uplink_bytes for r in again] == [r.uplink_bytes for r in records]
 
 
-def train_message(grid, config, codec):
+def train_message(grid, config, codec, server_round=1):
     arrays = ArrayRecord({k: Array(v) for k, v in initial_arrays(config.model, 10, config.seed).items()})
     content = RecordDict({"arrays": arrays, "config": ConfigRecord({
-        "lr": 0.01, "local-epochs": 1, "batch-size": 16, "server-round": 1, **codec_to_config(codec)})})
+        "lr": 0.01, "local-epochs": 1, "batch-size": 16, "server-round": server_round,
+        **codec_to_config(codec)})})
     return arrays, grid.create_message(content, "train", 1, "1")
 
 
@@ -72,19 +76,79 @@ def test_client_replies_with_a_decodable_update_and_keeps_its_residual():
     residual = ErrorFeedback(grid.context(1).state).residual()
     assert set(residual) == set(sent)
     assert any(np.abs(r).sum() > 0 for r in residual.values())
-    assert 2 not in grid.contexts  # contexts exist only for nodes that were addressed
+    assert 1 in grid.states and 2 not in grid.states  # state only for nodes that were addressed
 
 
 def test_a_failing_client_becomes_an_error_reply_and_the_round_goes_on(tmp_path):
     config = load_config(TINY)
     grid = InProcessGrid(client_app, 3, to_flat(config))
-    grid.context(2).node_config["partition-id"] = 99  # this node's data does not exist
     _, good = train_message(grid, config, TopK())
     _, bad = train_message(grid, config, TopK())
-    bad.metadata.dst_node_id = 2
-    replies = grid.send_and_receive([good, bad])
-    assert [r.has_error() for r in replies] == [False, True]
-    assert "partition-id 99" in replies[1].error.reason
+    del bad.content["config"]["lr"]  # this client cannot train
+    _, absent = train_message(grid, config, TopK())
+    absent.metadata.dst_node_id = 4  # no such node
+    replies = grid.send_and_receive([good, bad, absent])
+    assert [r.has_error() for r in replies] == [False, True, True]
+    assert "lr" in replies[1].error.reason
+    assert replies[2].error.code == ErrorCode.NODE_UNAVAILABLE and "4" in replies[2].error.reason
+
+
+def test_spilled_client_state_comes_back_bit_exact_and_leaves_nothing_behind():
+    config = load_config(TINY)
+    in_memory = InProcessGrid(client_app, 3, to_flat(config))
+    states = SpilledStates()
+    spilled = InProcessGrid(client_app, 3, to_flat(config), states)
+    for round_number in (1, 2):  # the second round adds the first round's residual
+        for grid in (in_memory, spilled):
+            _, message = train_message(grid, config, TopK(density=0.05), round_number)
+            (reply,) = grid.send_and_receive([message])
+            assert not reply.has_error()
+        kept = ErrorFeedback(in_memory.context(1).state).residual()
+        restored = ErrorFeedback(spilled.context(1).state).residual()
+        assert all(np.array_equal(kept[name], restored[name]) for name in kept)
+    assert (states.folder / "1.pb").is_file() and states.bytes_on_disk() > 0
+    spilled.close()
+    assert not states.folder.exists()
+
+
+def test_any_record_kept_in_context_state_survives_a_spill():
+    states = SpilledStates()
+    copy = np.random.default_rng(0).normal(size=(7, 3)).astype(np.float32)
+    state = RecordDict({"global-copy": ArrayRecord({"w": Array(copy), "b": Array(np.arange(4, dtype=np.int64))}),
+                        "downlink": ConfigRecord({"version": 12})})
+    states.save(5, state)
+    back = states.load(5)
+    assert np.array_equal(back["global-copy"]["w"].numpy(), copy)
+    assert back["global-copy"]["b"].numpy().dtype == np.int64
+    assert back["downlink"]["version"] == 12
+    states.save(5, RecordDict())  # nothing left to keep: nothing stored
+    assert 5 not in states and len(states.load(5)) == 0
+    states.close()
+
+
+@pytest.mark.parametrize("kind", ["memory", "disk"])
+def test_a_large_population_keeps_state_only_for_sampled_clients(kind, tmp_path):
+    config = load_config(TINY, [
+        "federation.num_clients=2000", "federation.clients_per_round=3", "federation.rounds=2",
+        "data.partition=sampled", "data.min_partition_size=12", f"simulation.client_state={kind}",
+    ])
+    states = client_states(kind)
+    grid = InProcessGrid(client_app, config.federation.num_clients, to_flat(config), states)
+    records = simulated_federation(grid, config, tmp_path)
+    participants = [json.loads(line) for line in (tmp_path / "participants.jsonl").read_text().splitlines()]
+    sampled = {node for entry in participants for node in entry["sampled"]}
+    assert [len(entry["sampled"]) for entry in participants] == [3, 3]
+    assert all(r.clients == 3 for r in records[1:])
+    assert {node for node in range(1, 2001) if node in states} == sampled
+    grid.close()
+
+
+def test_the_sampled_partition_gives_every_client_its_own_skewed_share():
+    labels = np.repeat(np.arange(10), 40)
+    shares = partition(labels, 5000, "sampled", 0.3, seed=1, min_size=8)
+    assert len(shares) == 5000 and all(len(s) == 8 for s in shares)
+    assert partition(labels, 5000, "sampled", 0.3, seed=1, min_size=8)[17].tolist() == shares[17].tolist()
+    assert np.mean([len(np.unique(labels[s])) for s in shares]) < 5  # label skew, not IID
 
 
 def test_pretrained_efficientnet_federation_runs_two_rounds(tmp_path):

@@ -1,0 +1,286 @@
+"""Device heterogeneity: profiles from YAML, a seeded population, and a simulated clock.
+
+A profile file describes a fleet::
+
+    examples_per_second: 200     # local training throughput of a compute_speed 1.0 device
+    profiles:
+      - name: phone-4g
+        share: 0.7               # part of the population with this profile
+        compute_speed: 1.0       # relative to the reference device above
+        uplink_mbps: 1.0
+        downlink_mbps: 10.0
+        availability: 0.8        # probability of being online when a round samples
+        dropout: 0.05            # probability of dropping out mid-round once sampled
+
+``DeviceGrid`` wraps any backend's Grid (in-process or Flower's engine) so its nodes
+behave like that fleet: only online nodes are offered to the strategy's sampling,
+sampled nodes may drop out (they reply with Flower's NODE_UNAVAILABLE error, as the
+SuperLink reports a node that went away), and every reply is timed on a simulated
+clock: downlink bytes / bandwidth + training time / speed + uplink bytes / bandwidth.
+Replies later than the round deadline are cut (REPLY_MESSAGE_UNAVAILABLE) and the
+round aggregates what came back in time. Training time comes from examples x epochs
+and the profile's throughput, not from this host's wall clock, so the clock and which
+replies make the deadline are the same on every machine and backend.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from uuid import uuid4
+
+import numpy as np
+import yaml
+from flwr.app import Error, Message, MessageType
+from flwr.common.constant import ErrorCode
+from flwr.serverapp import Grid
+
+from pollen.codec import wire_bytes
+from pollen.config import ConfigError
+from simulations.grid_wrapper import GridWrapper
+
+BITS_PER_BYTE = 8
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    name: str
+    share: float
+    compute_speed: float
+    uplink_mbps: float
+    downlink_mbps: float
+    availability: float = 1.0
+    dropout: float = 0.0
+
+    def check(self, where: str) -> None:
+        for key in ("share", "compute_speed", "uplink_mbps", "downlink_mbps"):
+            value = getattr(self, key)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ConfigError(f"{where}.{key}: must be a positive number, got {value!r}")
+        if not 0 < self.availability <= 1:
+            raise ConfigError(f"{where}.availability: must be in (0, 1], got {self.availability!r}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"{where}.dropout: must be in [0, 1), got {self.dropout!r}")
+
+
+@dataclass(frozen=True)
+class DeviceProfiles:
+    examples_per_second: float
+    profiles: tuple[DeviceProfile, ...]
+
+
+def load_profiles(path: str | Path) -> DeviceProfiles:
+    """Read and check a device profile file; errors name the file and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"simulation.devices: file not found: {path}")
+    values = yaml.safe_load(path.read_text())
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping with examples_per_second and profiles")
+    unknown = set(values) - {"examples_per_second", "profiles"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown key {sorted(unknown)[0]!r} (known: examples_per_second, profiles)")
+    speed = values.get("examples_per_second")
+    if isinstance(speed, bool) or not isinstance(speed, (int, float)) or not speed > 0:
+        raise ConfigError(f"{path}: examples_per_second must be a positive number, got {speed!r}")
+    entries = values.get("profiles")
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(f"{path}: profiles must be a non-empty list")
+    known = {f.name for f in fields(DeviceProfile)}
+    profiles = []
+    for number, entry in enumerate(entries):
+        where = f"{path}: profiles[{number}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {entry!r}")
+        if set(entry) - known:
+            raise ConfigError(f"{where}: unknown key {sorted(set(entry) - known)[0]!r} "
+                              f"(known: {', '.join(sorted(known))})")
+        try:
+            profile = DeviceProfile(**entry)
+        except TypeError as error:
+            raise ConfigError(f"{where}: {error}") from None
+        profile.check(where)
+        profiles.append(profile)
+    return DeviceProfiles(float(speed), tuple(profiles))
+
+
+class DevicePopulation:
+    """One profile per node (ids 1..N), drawn by share with a seed; kept as flat arrays."""
+
+    def __init__(self, fleet: DeviceProfiles, num_nodes: int, seed: int) -> None:
+        self.fleet = fleet
+        shares = np.array([p.share for p in fleet.profiles], dtype=float)
+        self.profile_of = np.random.default_rng([seed, 0]).choice(
+            len(shares), size=num_nodes, p=shares / shares.sum())
+        column = lambda key: np.array([getattr(p, key) for p in fleet.profiles])[self.profile_of]  # noqa: E731
+        self.availability = column("availability")
+        self.dropout = column("dropout")
+        self.compute_speed = column("compute_speed")
+        self.uplink_bytes_per_second = column("uplink_mbps") * 1e6 / BITS_PER_BYTE
+        self.downlink_bytes_per_second = column("downlink_mbps") * 1e6 / BITS_PER_BYTE
+
+    def __len__(self) -> int:
+        return len(self.profile_of)
+
+    def profile(self, node_id: int) -> DeviceProfile:
+        return self.fleet.profiles[self.profile_of[node_id - 1]]
+
+    def expected_online(self) -> float:
+        return float(self.availability.sum())
+
+    def seconds(self, node_id: int, downlink_bytes: int, examples: float, uplink_bytes: int) -> float:
+        """Simulated time from the message leaving the server to the reply arriving."""
+        i = node_id - 1
+        return (downlink_bytes / self.downlink_bytes_per_second[i]
+                + examples / (self.fleet.examples_per_second * self.compute_speed[i])
+                + uplink_bytes / self.uplink_bytes_per_second[i])
+
+
+@dataclass
+class RoundTiming:
+    """What the device model did in one training round."""
+
+    seconds: float = 0.0  # simulated duration: slowest reply in time, or the deadline
+    sampled: list[int] = field(default_factory=list)
+    dropouts: list[int] = field(default_factory=list)
+    stragglers: list[int] = field(default_factory=list)  # replied after the deadline
+
+
+class DeviceGrid(GridWrapper):
+    """A Grid whose nodes (ids 1..N on ``inner``) behave like a fleet of devices.
+
+    Without a population every node is always online, never drops out and the clock
+    stays unset; the participants of every round are still written to ``log_path``.
+    """
+
+    def __init__(self, inner: Grid, population: DevicePopulation | None, seed: int,
+                 deadline_seconds: float = 0.0, log_path: Path | None = None) -> None:
+        super().__init__(inner)
+        self.population = population
+        self.seed = seed
+        self.deadline = deadline_seconds
+        self.log_path = log_path
+        self.rounds: dict[int, RoundTiming] = {}
+        self.clock = 0.0  # simulated seconds since the start of the run
+        self._draws = 0
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        raise NotImplementedError("DeviceGrid times whole rounds: use send_and_receive")
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        raise NotImplementedError("DeviceGrid times whole rounds: use send_and_receive")
+
+    def get_node_ids(self) -> list[int]:
+        """The nodes online now: a fresh availability draw per call.
+
+        Flower's sampling asks again (after a pause) while fewer nodes than
+        ``min_available_nodes`` are online, so each call is a new moment in time.
+        """
+        node_ids = list(self.inner.get_node_ids())
+        self._draws += 1
+        # Flower's strategies sample with the global `random` right after this call.
+        # Seeding it here makes the sample depend on the seed and the call alone, not on
+        # what else drew from `random` meanwhile (on Ray, Flower's engine and the
+        # partition discovery share this process).
+        random.seed(self.seed * 1_000_003 + self._draws)
+        if self.population is None:
+            return node_ids
+        online = np.random.default_rng([self.seed, 1, self._draws]).random(len(self.population))
+        online = online < self.population.availability
+        return [node for node in node_ids if online[node - 1]]
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        train = [m for m in messages if m.metadata.message_type.split(".")[0] == MessageType.TRAIN]
+        if not train:
+            return self.inner.send_and_receive(messages, timeout=timeout)
+        server_round = int(train[0].content["config"].get("server-round", 0))
+        timing = self.rounds.setdefault(server_round, RoundTiming())
+        timing.sampled = sorted(m.metadata.dst_node_id for m in train)
+
+        dropped = [m for m in train if self._drops_out(server_round, m.metadata.dst_node_id)]
+        timing.dropouts = sorted(m.metadata.dst_node_id for m in dropped)
+        sent = [m for m in messages if id(m) not in {id(d) for d in dropped}]
+        node_of = {id(m): m.metadata.dst_node_id for m in sent}  # before a backend rewrites it
+        downlink = {id(m): sum(wire_bytes(r) for r in m.content.array_records.values()) for m in sent}
+        replies = list(self.inner.send_and_receive(sent, timeout=timeout))
+        request_of = {m.metadata.message_id: m for m in sent}
+
+        out = [_error_reply(m, ErrorCode.NODE_UNAVAILABLE, "dropped out mid-round (simulated device)")
+               for m in dropped]
+        finished = []
+        for reply in replies:
+            request = request_of.get(reply.metadata.reply_to_message_id)
+            if self.population is None or request is None or reply.has_error():
+                out.append(reply)
+                continue
+            seconds = self._reply_seconds(request, reply, node_of[id(request)], downlink[id(request)])
+            if self.deadline and seconds > self.deadline:
+                timing.stragglers.append(node_of[id(request)])
+                out.append(_error_reply(request, ErrorCode.REPLY_MESSAGE_UNAVAILABLE,
+                                        f"missed the round deadline: {seconds:.1f} s > "
+                                        f"{self.deadline:g} s (simulated device)"))
+                continue
+            finished.append(seconds)
+            out.append(reply)
+        timing.stragglers.sort()
+        if self.population is not None:
+            timing.seconds = self.deadline if timing.stragglers else max(finished, default=0.0)
+            self.clock += timing.seconds
+        self._log(server_round, timing)
+        return out
+
+    def record_fields(self, server_round: int) -> dict:
+        """Simulated-time fields of the run record for ``server_round`` (after its training)."""
+        timing = self.rounds.get(server_round, RoundTiming())
+        simulated = self.population is not None
+        return {
+            "simulated_seconds": self.clock if simulated else None,
+            "simulated_round_seconds": timing.seconds if simulated else None,
+            "dropouts": len(timing.dropouts),
+            "stragglers": len(timing.stragglers),
+        }
+
+    def _drops_out(self, server_round: int, node_id: int) -> bool:
+        if self.population is None:
+            return False
+        draw = np.random.default_rng([self.seed, 2, server_round, node_id]).random()
+        return bool(draw < self.population.dropout[node_id - 1])
+
+    def _reply_seconds(self, request: Message, reply: Message, node_id: int, downlink: int) -> float:
+        metrics = next(iter(reply.content.metric_records.values()), {})
+        epochs = float(request.content["config"].get("local-epochs", 1))
+        examples = float(metrics.get("num-examples", 0)) * epochs
+        uplink = sum(wire_bytes(r) for r in reply.content.array_records.values())
+        return self.population.seconds(node_id, downlink, examples, uplink)
+
+    def _log(self, server_round: int, timing: RoundTiming) -> None:
+        if self.log_path is None:
+            return
+        with self.log_path.open("a") as handle:
+            handle.write(json.dumps({"round": server_round, **timing.__dict__}) + "\n")
+
+
+def _error_reply(message: Message, code: int, reason: str) -> Message:
+    if not message.metadata.message_id:  # never handed to a backend, which assigns ids
+        message.metadata.__dict__["_message_id"] = uuid4().hex
+    return Message(Error(code=code, reason=reason), reply_to=message)
+
+
+def device_grid(inner: Grid, num_nodes: int, seed: int, devices: str, deadline_seconds: float,
+                min_online: int, log_path: Path | None = None) -> DeviceGrid:
+    """A DeviceGrid from the ``simulation`` settings; checks the fleet can fill a round."""
+    population = None
+    if devices:
+        population = DevicePopulation(load_profiles(devices), num_nodes, seed)
+        if population.expected_online() < min_online:
+            raise ConfigError(
+                f"simulation.devices: on average {population.expected_online():.1f} of {num_nodes} "
+                f"clients are online, fewer than the {min_online} a round needs "
+                f"(federation.clients_per_round)")
+    return DeviceGrid(inner, population, seed, deadline_seconds, log_path)
