@@ -120,11 +120,13 @@ def epoch_vs_codec(config) -> dict:
             "codec_share_of_epoch": round(codec_s / epoch_s, 5)}
 
 
-def federation(config_overrides: list[str], target: float) -> dict:
+def federation(config_overrides: list[str], target: float, runs: list[str]) -> dict:
     from simulations.run import simulate
 
     results = {}
     for label, (up, down) in RUNS.items():
+        if label not in runs and label != "dense both ways":
+            continue
         config = load_config(None, config_overrides + up + down)
         with tempfile.TemporaryDirectory() as folder:
             started = time.perf_counter()
@@ -152,8 +154,8 @@ def federation(config_overrides: list[str], target: float) -> dict:
             "downlink_mb_to_target": None if reached is None else round(float(down[reached]), 4),
             "wall_seconds": result["wall_seconds"],
         }
-    dense_down = out["8-bit 1%, dense down"]["downlink_bytes_per_round"]
-    for label in RUNS:
+    dense_down = out["dense both ways"]["downlink_bytes_per_round"]
+    for label in results:
         out[label]["downlink_ratio_vs_dense"] = round(dense_down / max(out[label]["downlink_bytes_per_round"], 1), 1)
     return out
 
@@ -163,8 +165,12 @@ def main() -> None:
     parser.add_argument("--federation", action="store_true", help="also run the default federation per setting")
     parser.add_argument("--target", type=float, default=0.95, help="share of the dense run's final accuracy")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--runs", nargs="*", choices=list(RUNS), default=list(RUNS),
+                        help="federation runs (the dense one always runs: it sets the target)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="torch threads (1 when other jobs share the cores)")
     args = parser.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     logging.getLogger("flwr").setLevel(logging.ERROR)
     config = load_config(None, args.overrides)
     rng = np.random.default_rng(0)
@@ -176,7 +182,7 @@ def main() -> None:
         "epoch": epoch_vs_codec(config),
     }
     if args.federation:
-        result["federation"] = federation(args.overrides, args.target)
+        result["federation"] = federation(args.overrides, args.target, args.runs)
     json.dump(result, sys.stdout, indent=1)
     print()
 

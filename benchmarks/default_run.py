@@ -50,6 +50,7 @@ def federated(config, label: str) -> dict:
         "uplink_bytes_per_round": up / len(rounds),
         "dense_uplink_bytes_per_round": dense / len(rounds),
         "uplink_ratio_vs_dense_fp32": dense / up,
+        "uplink_bytes_last_round": rounds[-1].uplink_bytes,
         "downlink_bytes_per_round": sum(r.downlink_bytes for r in rounds) / len(rounds),
     }
 
@@ -72,14 +73,17 @@ def centralized(config) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="torch threads (1 when other jobs share the cores)")
     args = parser.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     config = load_config(None, args.overrides)
     logging.getLogger("flwr").setLevel(logging.ERROR)
     compressed = federated(config, f"topk density={config.codec.density} bits={config.codec.bits}, "
                                    f"{config.federation.strategy}")
-    dense = federated(dataclasses.replace(config, codec=dataclasses.replace(config.codec, name="identity")),
-                      "identity (dense fp32)")
+    dense = federated(dataclasses.replace(config, codec=dataclasses.replace(config.codec, name="identity"),
+                                          downlink=dataclasses.replace(config.downlink, name="identity")),
+                      "identity (dense fp32 both ways)")
     plain_mean = federated(
         dataclasses.replace(config, federation=dataclasses.replace(config.federation, strategy="fedavg")),
         f"{compressed['label']}, Flower FedAvg (plain mean)")
@@ -87,7 +91,8 @@ def main() -> None:
     int8_model = build_model(config.model, 10)
     result = {
         "config": {"model": dataclasses.asdict(config.model), "federation": dataclasses.asdict(config.federation),
-                   "train": dataclasses.asdict(config.train), "codec": dataclasses.asdict(config.codec)},
+                   "train": dataclasses.asdict(config.train), "codec": dataclasses.asdict(config.codec),
+                   "downlink": dataclasses.asdict(config.downlink)},
         "compressed": compressed,
         "dense": dense,
         "compressed_plain_fedavg": plain_mean,

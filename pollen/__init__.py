@@ -1,5 +1,6 @@
 """Pollen: federated fine-tuning of int8-quantized pretrained models with compressed updates."""
 
+import logging
 import os
 
 # Flower stays offline and quiet wherever Pollen runs: no telemetry, no update check,
@@ -7,3 +8,8 @@ import os
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+
+# torchao announces each GPU kernel library it cannot load, and torch's pytree warns about
+# torchao's enums, on every import (peft imports torchao too); on a CPU both are expected.
+logging.getLogger("torchao").setLevel(logging.ERROR)
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
-import logging
 from collections.abc import Mapping
 
 import numpy as np
@@ -22,11 +21,7 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 from torch.nn.utils import parametrize
-
-# torchao announces each GPU kernel library it cannot load; on a CPU that is expected.
-logging.getLogger("torchao").setLevel(logging.ERROR)
-logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
-from torchao.quantization import (  # noqa: E402
+from torchao.quantization import (
     MappingType,
     choose_qparams_affine,
     dequantize_affine,
