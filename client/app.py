@@ -10,6 +10,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.error_feedback import ErrorFeedback
+from client.local_files import load_local_data
 from client.global_copy import GlobalCopy
 from client.training import train_locally
 from pollen.codec import Identity, codec_from_config, decode, encode, layout_of, wire_bytes
@@ -19,6 +20,7 @@ from pollen.metrics import evaluate
 from pollen.models import initial_arrays, load_model, load_trainable, trainable_arrays
 
 NUM_CLASSES = 10
+DATA_PATH = "data-path"  # node_config key set by `pollen client --data PATH`
 app = ClientApp()
 
 
@@ -80,6 +82,8 @@ def global_copy(config: Config, context: Context) -> GlobalCopy:
 
 def local_data(config: Config, node_config: dict) -> Split:
     """This node's share of the training split (simulation: by ``partition-id``)."""
+    if DATA_PATH in node_config:  # a deployed device: its own files (client/local_files.py)
+        return load_local_data(str(node_config[DATA_PATH]), config.model.image_size, NUM_CLASSES)
     partition_id = int(node_config["partition-id"])
     num_partitions = int(node_config.get("num-partitions", config.federation.num_clients))
     parts = _partitions(config, num_partitions)

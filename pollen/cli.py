@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 
+from pollen import deploy_cli
 from pollen.config import ConfigError, load_config
 
 
@@ -25,7 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     comp.add_argument("--threads", type=int, help="torch threads (default: one per core; 1 suits small "
                       "models on a busy machine)")
     comp.add_argument("-v", "--verbose", action="store_true", help="show Flower's log")
+    deploy_cli.add_commands(commands)  # certs, server, client, export: real devices
     args = parser.parse_args(argv)
+    if args.command in deploy_cli.COMMANDS:
+        return deploy_cli.run(parser, args)
     if args.command == "compare":
         return compare_command(parser, args.config, args.output, args.verbose, args.threads)
     try:

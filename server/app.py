@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from collections.abc import Callable
@@ -19,19 +20,26 @@ from pollen.config import Config, from_flat, to_flat
 from pollen.data import load_dataset
 from pollen.metrics import evaluate
 from pollen.models import initial_arrays, load_model, load_trainable
-from server.records import RoundRecord, RunRecord
+from server.checkpoint import ResumedRounds, forget_client_versions, load_checkpoint, restore_rng, save_checkpoint
+from server.records import RoundRecord, RunRecord, read_records
 from strategies import RoundTraffic, make_strategy
 from strategies.broadcast import Broadcast
 
 NUM_CLASSES = 10
 CHECKPOINT = "checkpoint.pt"
+# Set by `pollen server` (server/deploy.py) in the SuperLink's environment, which the ServerApp
+# inherits: where this run writes, and whether it goes on from that folder's checkpoint.
+RUN_FOLDER, RESUME = "POLLEN_RUN_FOLDER", "POLLEN_RESUME"
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     config = from_flat(context.run_config)
-    run_federation(grid, config, new_run_folder(config))
+    folder = os.environ.get(RUN_FOLDER)
+    # A new Flower run starts every client with an empty Context: nobody keeps its global copy.
+    run_federation(grid, config, Path(folder) if folder else new_run_folder(config),
+                   resume=os.environ.get(RESUME) == "1", clients_kept_state=False)
 
 
 def new_run_folder(config: Config, name: str = "") -> Path:
@@ -56,8 +64,13 @@ def downlink_of(config: Config, initial: dict[str, np.ndarray]) -> Broadcast | N
 
 
 def run_federation(grid: Grid, config: Config, folder: Path,
-                   on_round: Callable[[RoundRecord], None] | None = None) -> list[RoundRecord]:
-    """Run ``config.federation.rounds`` rounds on ``grid``; return one record per round (0 = start)."""
+                   on_round: Callable[[RoundRecord], None] | None = None,
+                   resume: bool = False, clients_kept_state: bool = True) -> list[RoundRecord]:
+    """Run ``config.federation.rounds`` rounds on ``grid``; return one record per round (0 = start).
+
+    ``resume`` goes on from ``folder``'s checkpoint (server/checkpoint.py); ``clients_kept_state``
+    says whether the clients still hold what they kept in ``Context.state`` since then.
+    """
     random.seed(config.seed)  # Flower's strategies sample clients with `random`
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
@@ -77,9 +90,17 @@ def run_federation(grid: Grid, config: Config, folder: Path,
         fraction_evaluate=fed.fraction_evaluate,
         min_evaluate_nodes=max(1, round(fed.fraction_evaluate * fed.num_clients)),
     )
+    resumed = load_checkpoint(folder / CHECKPOINT, to_flat(config)) if resume else None
+    if resumed:
+        strategy = resumed.strategy
+        if not clients_kept_state:
+            forget_client_versions(strategy)
+    earlier = [r for r in read_records(folder) if r.round <= resumed.round] if resumed else []
     record = RunRecord(folder)
-    history: list[RoundRecord] = []
-    started = time.perf_counter()
+    for entry in earlier:
+        record.append(entry)
+    history: list[RoundRecord] = list(earlier)
+    started = time.perf_counter() - (earlier[-1].wall_seconds if earlier else 0.0)
     last = [started]
 
     def evaluate_round(server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -100,8 +121,7 @@ def run_federation(grid: Grid, config: Config, folder: Path,
         last[0] = now
         record.append(entry)
         history.append(entry)
-        torch.save({"round": server_round, "arrays": arrays.to_torch_state_dict(),
-                    "config": to_flat(config)}, folder / CHECKPOINT)
+        save_checkpoint(folder / CHECKPOINT, server_round, arrays, strategy, to_flat(config))
         if on_round:
             on_round(entry)
         return MetricRecord(metrics)
@@ -113,7 +133,11 @@ def run_federation(grid: Grid, config: Config, folder: Path,
         "batch-size": config.train.batch_size,
         "weight-decay": config.train.weight_decay,
     })
-    strategy.start(grid, initial, num_rounds=fed.rounds, train_config=train_config,
-                   evaluate_fn=evaluate_round)
+    runner = strategy
+    if resumed:
+        restore_rng(resumed.rng)
+        initial, runner = resumed.arrays, ResumedRounds(strategy, resumed.round)
+    runner.start(grid, initial, num_rounds=fed.rounds, train_config=train_config,
+                 evaluate_fn=evaluate_round)
     return history
 

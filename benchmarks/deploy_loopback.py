@@ -1,0 +1,97 @@
+"""Deployment on loopback vs simulation: time to the first round, bytes per round on the wire.
+
+Starts a real SuperLink (TLS, node authentication) and two `pollen client` SuperNodes on
+127.0.0.1, runs the tiny config for a few rounds, then the same config in process.
+Prints JSON. Usage: python benchmarks/deploy_loopback.py [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pollen.certs import make_certificates
+from pollen.config import load_config
+from server.deploy import Deployment, Process, flower_env
+from server.records import RunRecord, read_records
+from simulations.run import run_in_process
+
+TINY = Path(__file__).resolve().parents[1] / "simulations" / "configs" / "tiny.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def per_round(records) -> dict:
+    rounds = records[1:]
+    return {"uplink_bytes": sum(r.uplink_bytes for r in rounds) / len(rounds),
+            "downlink_bytes": sum(r.downlink_bytes for r in rounds) / len(rounds)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    config = load_config(TINY, [f"federation.rounds={args.rounds}", "federation.num_clients=2",
+                                "federation.clients_per_round=2", "train.local_epochs=1"])
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        certs = make_certificates(tmp / "certs", ["localhost", "127.0.0.1"], devices=2)
+        port, clients = free_port(), []
+        started = time.monotonic()
+        first_round = [None]
+        deployment = Deployment(config, tmp / "run", certs.folder, host="127.0.0.1", port=port)
+
+        def watch() -> None:
+            path = deployment.folder / RunRecord.FILENAME
+            if first_round[0] is None and path.exists() and any(r.round == 1 for r in read_records(deployment.folder)):
+                first_round[0] = time.monotonic() - started
+
+        try:
+            deployment.start()
+            deployment.submit()
+            for i in range(2):
+                data = tmp / f"device-{i}.npz"
+                np.savez(data, images=(digits.images[i::2] * 16).astype(np.uint8), labels=digits.target[i::2])
+                command = [sys.executable, "-m", "pollen.cli", "client", "--server", f"127.0.0.1:{port}",
+                           "--ca", str(certs.ca_cert), "--key", str(certs.device_keys[i]), "--data", str(data),
+                           "--local-port", str(free_port())]
+                clients.append(Process.start(f"device-{i}", command, tmp / f"device-{i}.log",
+                                             flower_env(tmp / f"home-{i}")))
+            status = deployment.wait(timeout=1200, on_poll=watch, poll=0.5)
+            total = time.monotonic() - started
+        finally:
+            for client in clients:
+                client.stop()
+            deployment.stop()
+        deployed = read_records(deployment.folder)
+        simulated = run_in_process(config, tmp / "sim")
+    traffic = status["network-traffic"]
+    print(json.dumps({
+        "rounds": args.rounds,
+        "deployment": {
+            "seconds_to_first_round": round(first_round[0], 1),
+            "seconds_total": round(total, 1),
+            "records_per_round": per_round(deployed),
+            "flower_message_bytes_per_round": (traffic["inbound-bytes"] + traffic["outbound-bytes"]) / args.rounds,
+            "final_accuracy": deployed[-1].accuracy,
+        },
+        "simulation": {"records_per_round": per_round(simulated), "final_accuracy": simulated[-1].accuracy},
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()

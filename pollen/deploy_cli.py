@@ -1,0 +1,179 @@
+"""``pollen certs | server | client | export``: run a federation on real devices.
+
+Kept apart from ``pollen.cli`` so the simulation commands stay readable; the server,
+client and export code is imported inside each command (``pollen`` imports none of
+those packages at module level).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from pollen.config import ConfigError, from_flat, load_config
+
+COMMANDS = ("certs", "server", "client", "export")
+LOCAL_NAMES = ["localhost", "127.0.0.1"]  # the server's own `flwr` calls reach the SuperLink here
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    certs = commands.add_parser("certs", help="create a CA, the server certificate and device keys")
+    certs.add_argument("folder", help="where to write them (created; private keys are owner-only)")
+    certs.add_argument("--server-name", action="append", required=True, metavar="HOST",
+                       help="a host name or IP address devices dial (repeatable); "
+                            "localhost and 127.0.0.1 are always added")
+    certs.add_argument("--devices", type=int, default=3, help="device key pairs to create (default 3)")
+    certs.add_argument("--force", action="store_true", help="replace existing files")
+
+    server = commands.add_parser("server", help="run the federation's server (Flower SuperLink + Pollen)")
+    server.add_argument("--config", help="YAML config (default: the built-in default run)")
+    server.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one key (repeatable)")
+    server.add_argument("--certs", help="folder from `pollen certs`: TLS and the device keys to admit")
+    server.add_argument("--host", default="0.0.0.0", help="address to listen on (default all)")
+    server.add_argument("--port", type=int, default=None, help="port devices connect to (default 9093)")
+    server.add_argument("--output", help="run folder (default: OUTPUT_DIR/<timestamp>)")
+    server.add_argument("--resume", metavar="RUN_DIR", help="go on from RUN_DIR's last checkpoint")
+    server.add_argument("--insecure", action="store_true",
+                        help="plain HTTP and no device authentication (only on a trusted network)")
+    server.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
+
+    client = commands.add_parser("client", help="run a device: a Flower SuperNode training on local data")
+    client.add_argument("--server", required=True, help="HOST:PORT of the server")
+    client.add_argument("--ca", help="the federation's ca.pem")
+    client.add_argument("--key", help="this device's private key (devices/device-N.key)")
+    client.add_argument("--data", required=True,
+                        help="training data: a folder of class folders 0/, 1/, ... of images, or an .npz/.csv file")
+    client.add_argument("--local-port", type=int, default=None,
+                        help="port on 127.0.0.1 for the SuperNode's ClientApp (default 9094; "
+                             "give each SuperNode on one machine its own)")
+    client.add_argument("--insecure", action="store_true", help="plain HTTP (a server started with --insecure)")
+
+    export = commands.add_parser("export", help="write a run's fine-tuned model for on-device inference")
+    export.add_argument("run", help="run folder holding checkpoint.pt and config.yaml")
+    export.add_argument("--format", choices=("onnx", "torch"), default="onnx")
+    export.add_argument("--output", help="file to write (default: RUN/model.onnx or RUN/model.pt2)")
+
+
+def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    try:
+        return {"certs": certs_command, "server": server_command, "client": client_command,
+                "export": export_command}[args.command](args)
+    except ConfigError as error:
+        parser.exit(2, f"pollen: config error: {error}\n")
+    except ValueError as error:  # every bad-input error of these commands is a ValueError
+        parser.exit(2, f"pollen {args.command}: {error}\n")
+
+
+def certs_command(args: argparse.Namespace) -> int:
+    from pollen.certs import make_certificates
+
+    names = list(dict.fromkeys([*args.server_name, *LOCAL_NAMES]))
+    paths = make_certificates(args.folder, names, devices=args.devices, force=args.force)
+    print(f"CA:      {paths.ca_cert}  (copy to every device)")
+    print(f"server:  {paths.server_cert}, {paths.server_key}  (valid for {', '.join(names)})")
+    print(f"devices: {len(paths.device_keys)} key pairs in {paths.folder / 'devices'}; copy device-N.key to "
+          "device N, keep the .pub files here: the server admits exactly those")
+    return 0
+
+
+def server_command(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from server.app import new_run_folder
+    from server.deploy import DEFAULT_PORT, Deployment, DeploymentError
+    from server.records import RunRecord, read_records
+
+    console = Console()
+    if args.resume:
+        folder = Path(args.resume)
+        saved = folder / "config.yaml"
+        if not saved.is_file():
+            raise ConfigError(f"--resume {folder}: no config.yaml, not a run folder")
+        import yaml
+
+        config = from_flat({**yaml.safe_load(saved.read_text()),
+                            **dict(_override(text) for text in args.overrides)})
+    else:
+        config = load_config(args.config, args.overrides)
+        folder = Path(args.output) if args.output else new_run_folder(config)
+    if args.insecure:
+        console.print("[bold red]WARNING[/]: --insecure: updates travel unencrypted and any device may join. "
+                      "Use it only on a network you trust.")
+    elif not args.certs:
+        raise ValueError("--certs DIR is required (create it with `pollen certs DIR --server-name HOST`), "
+                         "or pass --insecure")
+    certs = None if args.insecure else Path(args.certs)
+    deployment = Deployment(config, folder, certs, host=args.host, port=args.port or DEFAULT_PORT,
+                            resume=bool(args.resume))
+    fed = config.federation
+    started = time.monotonic()
+    with deployment:
+        try:
+            deployment.start()
+            console.print(f"[bold]pollen server[/]: SuperLink on {args.host}:{deployment.port} "
+                          f"({'TLS, ' + str(len(deployment.public_keys)) + ' registered device keys' if certs else 'insecure'})")
+            run_id = deployment.submit()
+            console.print(f"run {run_id}: {fed.rounds} rounds, {fed.clients_per_round} devices per round "
+                          f"(waits until that many are connected)")
+            console.print(f"records: [bold]{deployment.folder / RunRecord.FILENAME}[/], checkpoint: "
+                          f"[bold]{deployment.folder / 'checkpoint.pt'}[/], logs: {deployment.folder / 'logs'}")
+            shown = [0]
+
+            def show_rounds() -> None:
+                path = deployment.folder / RunRecord.FILENAME
+                records = read_records(deployment.folder) if path.exists() else []
+                for entry in records[shown[0]:]:
+                    console.print(f"round {entry.round}: accuracy {entry.accuracy:.4f}, {entry.clients} devices, "
+                                  f"up {entry.uplink_bytes} B, down {entry.downlink_bytes} B "
+                                  f"({time.monotonic() - started:.0f} s)")
+                shown[0] = len(records)
+
+            status = deployment.wait(args.timeout, on_poll=show_rounds)
+        except DeploymentError as error:
+            console.print(f"[red]pollen server: {error}[/]")
+            return 1
+        except KeyboardInterrupt:
+            console.print(f"stopped; go on with `pollen server --resume {deployment.folder} "
+                          f"--certs {args.certs or '...'}`")
+            return 130
+    traffic = status.get("network-traffic", {})
+    console.print(f"done in {time.monotonic() - started:.0f} s; Flower counted {traffic.get('total-bytes', '?')} "
+                  f"bytes to and from the devices; export with `pollen export {deployment.folder}`")
+    return 0
+
+
+def _override(text: str):
+    from pollen.config import parse_override
+
+    return parse_override(text)
+
+
+def client_command(args: argparse.Namespace) -> int:
+    from client.device import DEFAULT_LOCAL_PORT, DeviceError, supernode_command
+    from client.local_files import load_local_data
+    from server.deploy import flower_env
+
+    if args.insecure:
+        print("WARNING: --insecure: this device's updates travel unencrypted", file=sys.stderr)
+    elif not (args.ca and args.key):
+        raise DeviceError("--ca and --key are required (from `pollen certs`), or pass --insecure")
+    split = load_local_data(args.data, image_size=8, num_classes=10)  # check the format now, not mid-round
+    command = supernode_command(args.server, Path(args.data), None if args.insecure else Path(args.ca),
+                                Path(args.key) if args.key else None, args.local_port or DEFAULT_LOCAL_PORT)
+    print(f"device: {len(split)} examples in {args.data}; connecting to {args.server}", flush=True)
+    # Become the SuperNode: same PID, so whoever started `pollen client` can stop it.
+    os.execvpe(command[0], command, flower_env())
+    return 0  # not reached
+
+
+def export_command(args: argparse.Namespace) -> int:
+    from server.export import export_run
+
+    result = export_run(Path(args.run), args.format, Path(args.output) if args.output else None)
+    print(f"wrote {result.path} ({result.bytes / 1e6:.2f} MB, {result.format}); outputs match the "
+          f"PyTorch model within {result.max_difference:.2e} on {result.checked} test images")
+    return 0
