@@ -6,7 +6,7 @@ import functools
 import time
 
 import numpy as np
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.error_feedback import ErrorFeedback
@@ -78,6 +78,13 @@ def evaluate_local(msg: Message, context: Context) -> Message:
 
 def global_copy(config: Config, context: Context) -> GlobalCopy:
     return GlobalCopy(context.state, lambda: initial_arrays(config.model, NUM_CLASSES, config.seed))
+
+
+@app.query()
+def describe(msg: Message, context: Context) -> Message:
+    """Name this node's partition, so a simulation server can address nodes by partition."""
+    node = ConfigRecord({"partition-id": int(context.node_config["partition-id"])})
+    return Message(RecordDict({"node": node}), reply_to=msg)
 
 
 def local_data(config: Config, node_config: dict) -> Split:

@@ -46,14 +46,14 @@ class ModelConfig:
 class DataConfig:
     dataset: str = "mnist5k"  # or "digits" (sklearn, 8x8)
     test_size: int = 1000  # held out for central evaluation
-    partition: str = "dirichlet"  # dirichlet | iid
+    partition: str = "dirichlet"  # dirichlet | iid | sampled (min_partition_size each, may overlap)
     alpha: float = 0.5  # Dirichlet concentration: smaller = more label skew
     min_partition_size: int = 10
 
     def check(self) -> None:
         _one_of("data.dataset", self.dataset, ("mnist5k", "digits"))
         _at_least("data.test_size", self.test_size, 1)
-        _one_of("data.partition", self.partition, ("dirichlet", "iid"))
+        _one_of("data.partition", self.partition, ("dirichlet", "iid", "sampled"))
         _positive("data.alpha", self.alpha)
         _at_least("data.min_partition_size", self.min_partition_size, 1)
 
@@ -169,6 +169,28 @@ class StrategyParams:
 
 
 @dataclass(frozen=True)
+class SimulationConfig:
+    """How a simulated federation runs: backend, device population, client state."""
+
+    backend: str = "inprocess"  # inprocess | ray (Flower's simulation engine)
+    devices: str = ""  # device profiles YAML; "" = ideal devices (always on, no clock)
+    deadline_seconds: float = 0.0  # simulated round deadline; 0 = wait for every reply
+    client_state: str = "memory"  # memory | disk: where idle clients' Context.state lives (inprocess)
+    ray_address: str = ""  # an existing Ray cluster; "" = start one on this machine
+    client_cpus: int = 1  # Ray resources per virtual client
+    client_gpus: float = 0.0
+
+    def check(self) -> None:
+        _one_of("simulation.backend", self.backend, ("inprocess", "ray"))
+        _one_of("simulation.client_state", self.client_state, ("memory", "disk"))
+        if self.devices and not Path(self.devices).is_file():
+            raise ConfigError(f"simulation.devices: file not found: {self.devices}")
+        _at_least("simulation.deadline_seconds", self.deadline_seconds, 0.0)
+        _at_least("simulation.client_cpus", self.client_cpus, 1)
+        _at_least("simulation.client_gpus", self.client_gpus, 0.0)
+
+
+@dataclass(frozen=True)
 class Config:
     seed: int = 0
     output_dir: str = "runs"
@@ -179,6 +201,7 @@ class Config:
     codec: CodecConfig = field(default_factory=CodecConfig)
     downlink: DownlinkConfig = field(default_factory=DownlinkConfig)
     strategy: StrategyParams = field(default_factory=StrategyParams)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
 
     def check(self) -> None:
         for f in fields(self):
@@ -249,6 +272,7 @@ _SECTIONS = {
     "codec": CodecConfig,
     "downlink": DownlinkConfig,
     "strategy": StrategyParams,
+    "simulation": SimulationConfig,
 }
 
 

@@ -65,9 +65,11 @@ def downlink_of(config: Config, initial: dict[str, np.ndarray]) -> Broadcast | N
 
 def run_federation(grid: Grid, config: Config, folder: Path,
                    on_round: Callable[[RoundRecord], None] | None = None,
+                   round_fields: Callable[[int], dict] | None = None,
                    resume: bool = False, clients_kept_state: bool = True) -> list[RoundRecord]:
     """Run ``config.federation.rounds`` rounds on ``grid``; return one record per round (0 = start).
 
+    ``round_fields(round)`` adds what only the backend knows to each record (simulated time).
     ``resume`` goes on from ``folder``'s checkpoint (server/checkpoint.py); ``clients_kept_state``
     says whether the clients still hold what they kept in ``Context.state`` since then.
     """
@@ -117,6 +119,7 @@ def run_federation(grid: Grid, config: Config, folder: Path,
             dense_uplink_bytes=traffic.dense_uplink,
             compression=traffic.dense_uplink / traffic.uplink if traffic.uplink else None,
             round_seconds=now - last[0], wall_seconds=now - started,
+            **(round_fields(server_round) if round_fields else {}),
         )
         last[0] = now
         record.append(entry)

@@ -29,4 +29,4 @@ def simulated_federation(grid: Grid, config: Config, folder: Path,
     devices = device_grid(grid, config.federation.num_clients, config.seed, sim.devices,
                           sim.deadline_seconds, min_online=config.federation.clients_per_round,
                           log_path=folder / PARTICIPANTS)
-    return run_federation(devices, config, folder, on_round, devices.record_fields)
+    return run_federation(devices, config, folder, on_round, round_fields=devices.record_fields)
