@@ -10,8 +10,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.error_feedback import ErrorFeedback
-from client.local_files import load_local_data
 from client.global_copy import GlobalCopy
+from client.local_files import load_local_data
 from client.training import train_locally
 from pollen.codec import Identity, codec_from_config, decode, encode, layout_of, wire_bytes
 from pollen.config import Config, from_flat
@@ -76,15 +76,15 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 
-def global_copy(config: Config, context: Context) -> GlobalCopy:
-    return GlobalCopy(context.state, lambda: initial_arrays(config.model, NUM_CLASSES, config.seed))
-
-
 @app.query()
 def describe(msg: Message, context: Context) -> Message:
     """Name this node's partition, so a simulation server can address nodes by partition."""
     node = ConfigRecord({"partition-id": int(context.node_config["partition-id"])})
     return Message(RecordDict({"node": node}), reply_to=msg)
+
+
+def global_copy(config: Config, context: Context) -> GlobalCopy:
+    return GlobalCopy(context.state, lambda: initial_arrays(config.model, NUM_CLASSES, config.seed))
 
 
 def local_data(config: Config, node_config: dict) -> Split:
