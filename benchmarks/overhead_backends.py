@@ -66,13 +66,14 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-ray", action="store_true")
+    parser.add_argument("--tiny", action="store_true", help="the tiny CNN on digits: harness cost at its most visible")
     args = parser.parse_args()
     logging.getLogger("flwr").setLevel(logging.WARNING)
     torch.set_num_threads(2)
-    config = load_config(overrides=[
+    config = load_config("simulations/configs/tiny.yaml" if args.tiny else None, overrides=[
         f"federation.num_clients={args.clients}", f"federation.clients_per_round={args.clients}",
-        f"federation.rounds={args.rounds}", "model.image_size=32", "train.local_epochs=1",
-        "data.test_size=500", "data.min_partition_size=5", "codec.name=identity",
+        f"federation.rounds={args.rounds}", "train.local_epochs=1",
+        *([] if args.tiny else ["model.image_size=32", "data.test_size=500"]), "data.min_partition_size=5", "codec.name=identity",
         "downlink.name=identity", "federation.strategy=fedavg",
     ])
     from simulations.ray_backend import run_on_ray

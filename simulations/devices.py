@@ -207,7 +207,8 @@ class DeviceGrid(GridWrapper):
         timing.dropouts = sorted(m.metadata.dst_node_id for m in dropped)
         sent = [m for m in messages if id(m) not in {id(d) for d in dropped}]
         node_of = {id(m): m.metadata.dst_node_id for m in sent}  # before a backend rewrites it
-        downlink = {id(m): sum(wire_bytes(r) for r in m.content.array_records.values()) for m in sent}
+        downlink = {id(m): sum(wire_bytes(r) for r in m.content.array_records.values())
+                    for m in sent} if self.population is not None else {}  # counting bytes serializes
         replies = list(self.inner.send_and_receive(sent, timeout=timeout))
         request_of = {m.metadata.message_id: m for m in sent}
 

@@ -13,10 +13,12 @@ started (the ServerApp and Ray's processes) are stopped by PID.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -33,6 +35,7 @@ CONNECTION = "pollen"
 SUPERLINK_LOG = "superlink.log"
 FLWR_LOG = "flwr-run.log"
 STARTUP_SECONDS = 60.0
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 POLL_SECONDS = 0.5
 OFFLINE = {  # the SuperLink and its children must stay offline too
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -177,8 +180,9 @@ class ProcessTree:
 
     def start(self, command: list[str], env: dict, cwd: Path, log) -> subprocess.Popen:
         # A session of its own: Ctrl-C reaches only this process, which then stops the tree.
+        # Should this process be killed outright, the kernel stops the child (Linux).
         process = subprocess.Popen(command, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+                                   start_new_session=True, preexec_fn=_die_with_parent)
         self.roots.append(process)
         self.remember_children()
         return process
@@ -216,3 +220,9 @@ class ProcessTree:
                 root.wait(timeout=grace)
             except subprocess.TimeoutExpired:
                 pass
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the parent dies, where the OS offers it."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
