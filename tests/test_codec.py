@@ -292,3 +292,11 @@ def test_codec_settings_round_trip_through_config():
         assert codec_from_config(codec_to_config(codec)) == codec
     with pytest.raises(CodecError, match="unknown codec"):
         codec_from_config({"codec.name": "gzip"})
+
+
+def test_dense_wire_bytes_depend_only_on_the_layout():
+    from client.app import dense_wire_bytes
+
+    other = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in UPDATE.items()}
+    for update in (UPDATE, other):
+        assert dense_wire_bytes(tuple(LAYOUT.items())) == wire_bytes(encode(update, Identity()))
