@@ -86,7 +86,8 @@ def rebuild(record: ArrayRecord, config: Mapping, layout: Layout,
         if held is None or held_version != base:
             raise DownlinkError(f"server sent steps from version {base}, this client holds "
                                 f"{'nothing' if held is None else f'version {held_version}'}")
-        if base == 0 and config.get(f"{PREFIX}base-crc", arrays_crc(held)) != arrays_crc(held):
+        expected_crc = config.get(f"{PREFIX}base-crc")
+        if base == 0 and expected_crc is not None and expected_crc != arrays_crc(held):
             raise DownlinkError("this client's initial arrays differ from the server's "
                                 "(different seed, model or library version?)")
         if not 0 <= base <= version:

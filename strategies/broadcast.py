@@ -31,6 +31,8 @@ class Broadcast:
         self.codec = codec
         self.version = 0
         self.steps: dict[int, ArrayRecord] = {}  # version -> encoded step that produced it
+        self._step_bytes: dict[int, int] = {}  # version -> that step's bytes on the wire
+        self._chains: dict[int, tuple[ArrayRecord, dict, int]] = {}  # base -> chain to self.version
         self.node_versions: dict[int, int | None] = {}  # absent: version 0; None: unknown
         self._pending: dict[int, int] = {}  # node -> version sent, until it replies
         self._residual = {name: np.zeros_like(value) for name, value in initial.items()}
@@ -54,9 +56,8 @@ class Broadcast:
         base = self.node_versions.get(node, 0)
         full = self._full_payload(arrays)
         if base is not None and base in self._chainable():
-            record, entries = chain_message(self.steps, base, self.version, self.codec,
-                                            self._base_crc if base == 0 else None)
-            if wire_bytes(record) <= full[2]:
+            record, entries, size = self._chain_from(base)
+            if size <= full[2]:
                 return record, entries
         return full[0], full[1]
 
@@ -77,6 +78,8 @@ class Broadcast:
         self._residual = {name: step[name] - sent[name] for name in now}
         self.version += 1
         self.steps[self.version] = payload
+        self._step_bytes[self.version] = wire_bytes(payload)
+        self._chains.clear()  # every chain now ends one step later
         self._forget_old_steps()
         return ArrayRecord({name: Array(np.ascontiguousarray(now[name] + sent[name], dtype=np.float32)) for name in now})
 
@@ -84,6 +87,14 @@ class Broadcast:
         """Versions a chain can start from: those whose later steps are all kept."""
         oldest = min(self.steps, default=self.version + 1) - 1
         return range(oldest, self.version + 1)
+
+    def _chain_from(self, base: int) -> tuple[ArrayRecord, dict, int]:
+        """The chain base+1..version and its bytes, built once per base and version."""
+        if base not in self._chains:
+            record, entries = chain_message(self.steps, base, self.version, self.codec,
+                                            self._base_crc if base == 0 else None)
+            self._chains[base] = (record, entries, wire_bytes(record))
+        return self._chains[base]
 
     def _full_payload(self, arrays: ArrayRecord) -> tuple[ArrayRecord, dict, int]:
         if self._full is None or self._full[0] != self.version:
@@ -97,7 +108,8 @@ class Broadcast:
             return
         total = 0
         for version in sorted(self.steps, reverse=True):
-            total += wire_bytes(self.steps[version])
+            total += self._step_bytes[version]
             if total > self._full[3]:
                 self.steps = {v: s for v, s in self.steps.items() if v > version}
+                self._step_bytes = {v: n for v, n in self._step_bytes.items() if v > version}
                 return
