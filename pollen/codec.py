@@ -30,6 +30,9 @@ raises ``CodecError`` naming what is wrong.
 
 from __future__ import annotations
 
+import functools
+import io
+import math
 import struct
 import zlib
 from dataclasses import dataclass
@@ -142,8 +145,25 @@ def layout_of(arrays: ArrayRecord | Mapping[str, np.ndarray]) -> dict[str, tuple
 
 
 def wire_bytes(record: ArrayRecord) -> int:
-    """Bytes Flower puts on the wire for this record: every serialized object in its tree."""
-    return sum(len(obj.deflate()) for obj in get_all_nested_objects(record).values())
+    """Bytes Flower puts on the wire for this record: every serialized object in its tree.
+
+    The size depends only on each array's name, dtype, shape, stype and data length
+    (object ids are fixed-length hashes), so it is measured once per such signature:
+    serializing and hashing every update just to count it cost more than the codec.
+    """
+    signature = tuple((name, array.dtype, tuple(array.shape), array.stype, len(array.data))
+                      for name, array in record.items())
+    size = _WIRE_BYTES.get(signature)
+    if size is None:
+        if len(_WIRE_BYTES) >= _WIRE_BYTES_CACHED:
+            _WIRE_BYTES.clear()
+        size = _WIRE_BYTES[signature] = sum(
+            len(obj.deflate()) for obj in get_all_nested_objects(record).values())
+    return size
+
+
+_WIRE_BYTES: dict[tuple, int] = {}
+_WIRE_BYTES_CACHED = 4096  # signatures; top-k blobs vary in length, so the memo is bounded
 
 
 def encode(update: Mapping[str, np.ndarray], codec: Codec, seed: int = 0) -> ArrayRecord:
@@ -369,6 +389,36 @@ def _read_indices(reader: ByteReader, kept: int, size: int) -> np.ndarray:
     return indices
 
 
+def _read_float32(name: str, array: Array, shape: tuple[int, ...]) -> np.ndarray:
+    """The float32 array of ``shape`` that ``array`` holds, read without a copy (read-only).
+
+    ``Array.numpy()`` parses the .npy header of every array anew (``ast.literal_eval``),
+    which costs more than the arithmetic on a small tensor. A header byte-identical to
+    the one NumPy writes for this shape is all that can precede the values, so the
+    values are read in place after it; anything else goes through NumPy's own parser.
+    """
+    header = _npy_header(shape)
+    data = array.data
+    if len(data) == len(header) + 4 * math.prod(shape) and data.startswith(header):
+        return np.frombuffer(data, dtype="<f4", offset=len(header)).reshape(shape)
+    try:
+        value = array.numpy()
+    except Exception as error:  # numpy's own parser: any failure means a bad payload
+        raise CodecError(f"{name}: unreadable array ({error})") from None
+    if value.dtype != np.float32 or value.shape != shape:
+        raise CodecError(f"{name}: payload holds {value.dtype} {value.shape}, header says float32 {shape}")
+    return value
+
+
+@functools.lru_cache(maxsize=1024)
+def _npy_header(shape: tuple[int, ...]) -> bytes:
+    """The exact bytes ``np.save`` writes before the values of a C-order float32 array."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buffer, {"descr": "<f4", "fortran_order": False, "shape": shape})
+    return buffer.getvalue()
+
+
 def _decode_dense(record: ArrayRecord, layout: Layout) -> dict[str, np.ndarray]:
     if list(record.keys()) != list(layout):
         raise CodecError(f"arrays {list(record.keys())} do not match the model's {list(layout)}")
@@ -379,12 +429,7 @@ def _decode_dense(record: ArrayRecord, layout: Layout) -> dict[str, np.ndarray]:
             raise CodecError(f"{name}: expected float32 {shape}, got {array.dtype} {tuple(array.shape)}")
         if len(array.data) > 4 * int(np.prod(shape)) + 1024:
             raise CodecError(f"{name}: {len(array.data)} bytes is too large for float32 {shape}")
-        try:
-            value = array.numpy()
-        except Exception as error:  # numpy's own parser: any failure means a bad payload
-            raise CodecError(f"{name}: unreadable array ({error})") from None
-        if value.dtype != np.float32 or value.shape != shape:
-            raise CodecError(f"{name}: payload holds {value.dtype} {value.shape}, header says float32 {shape}")
+        value = _read_float32(name, array, shape)
         if not np.isfinite(value).all():
             raise CodecError(f"{name}: contains NaN or infinity")
         out[name] = value

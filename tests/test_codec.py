@@ -300,3 +300,41 @@ def test_dense_wire_bytes_depend_only_on_the_layout():
     other = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in UPDATE.items()}
     for update in (UPDATE, other):
         assert dense_wire_bytes(tuple(LAYOUT.items())) == wire_bytes(encode(update, Identity()))
+
+
+def _serialized_size(record: ArrayRecord) -> int:
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(record).values())
+
+
+def test_wire_bytes_match_a_fresh_serialization_of_every_record():
+    codec = TopK(density=0.05, bits=8)
+    records = [encode({k: rng.normal(size=v.shape).astype(np.float32) for k, v in UPDATE.items()}, c)
+               for c in (codec, codec, Identity(), Identity(), TopK(density=0.2, bits=3))]
+    records.append(ArrayRecord({"other": Array(np.zeros((3, 3), np.float64))}))
+    for record in records:
+        assert wire_bytes(record) == _serialized_size(record)
+
+
+def test_dense_payloads_decode_in_place_and_odd_encodings_still_decode():
+    record = encode(UPDATE, Identity())
+    fast = decode(record, LAYOUT, Identity())
+    assert not fast["fc"].flags.writeable  # a view of the payload, no copy
+    fortran = dict(record.items())
+    fortran["fc"] = Array(np.asfortranarray(UPDATE["fc"]))  # a header NumPy writes differently
+    slow = decode(ArrayRecord(fortran), LAYOUT, Identity())
+    assert all(np.array_equal(slow[k], UPDATE[k]) for k in UPDATE)
+    truncated = dict(record.items())
+    truncated["fc"] = Array(dtype="float32", shape=(50, 40), stype="numpy.ndarray",
+                            data=record["fc"].data[:-4])
+    with pytest.raises(CodecError, match="fc: unreadable"):
+        decode(ArrayRecord(truncated), LAYOUT, Identity())
+
+
+def test_error_feedback_clear_leaves_no_residual():
+    feedback = ErrorFeedback(RecordDict())
+    feedback.keep({"a": np.ones(3, np.float32)}, {"a": np.zeros(3, np.float32)})
+    feedback.clear()
+    assert feedback.residual() == {}
+    feedback.clear()  # nothing held: still fine
