@@ -114,3 +114,25 @@ def test_cli_names_a_bad_strategy_parameter_before_running(capsys):
 
 def test_fedavg_class_is_flowers():
     assert resolve_strategy("fedavg") is FedAvg
+
+
+def test_the_readme_strategy_example_runs(tmp_path, monkeypatch):
+    """The SignVote plug-in in README.md loads by dotted path and aggregates a round."""
+    import re
+
+    import numpy as np
+
+    readme = (strategies.__file__.rsplit("/strategies/", 1)[0] + "/README.md")
+    code = re.search(r"```python\n# my_package/sign_vote.py\n(.*?)```", open(readme).read(), re.S).group(1)
+    (tmp_path / "sign_vote.py").write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from flwr.supercore.task_identity import TaskIdentity
+    from strategy_replies import run_round, sampling
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    strategy = make_strategy("sign_vote:SignVote", Identity(), {"vote_step": 0.25}, **sampling(2))
+    start = {"w": np.zeros(4, np.float32)}
+    deltas = [{"w": np.array([1.0, 0.0, -3.0, 2.0], np.float32)},
+              {"w": np.array([1.0, 0.0, -1.0, -2.0], np.float32)}]
+    new = run_round(strategy, start, deltas, [1, 1])
+    np.testing.assert_array_equal(new["w"], [0.25, 0.0, -0.25, 0.0])
