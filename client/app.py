@@ -48,14 +48,15 @@ def train(msg: Message, context: Context) -> Message:
     seconds = time.perf_counter() - started
 
     local = trainable_arrays(model)
-    feedback = ErrorFeedback(context.state)
-    update = feedback.add_residual({name: local[name] - global_arrays[name] for name in global_arrays})
+    feedback = ErrorFeedback(context.state, config.codec.feedback_max_age)
+    update = feedback.add_residual({name: local[name] - global_arrays[name] for name in global_arrays},
+                                   server_round)
     codec = codec_from_config(round_config)
     payload = encode(update, codec, seed=seed)
     if isinstance(codec, Identity):
         feedback.clear()  # a lossless payload leaves nothing behind
     else:
-        feedback.keep(update, decode(payload, layout_of(global_arrays), codec))
+        feedback.keep(update, decode(payload, layout_of(global_arrays), codec), server_round)
 
     metrics = MetricRecord({
         "num-examples": len(data),

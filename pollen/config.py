@@ -109,6 +109,7 @@ class CodecConfig:
     block: int = 0  # kept values per scale; 0 = one scale per tensor
     scope: str = "tensor"  # top-k per tensor, or over the whole update (model)
     stochastic: bool = False  # unbiased stochastic rounding of values
+    feedback_max_age: int = 2  # rounds an unsent residual may wait before it is dropped; 0 = forever
 
     def check(self) -> None:
         _one_of("codec.name", self.name, ("topk", "identity"))
@@ -118,6 +119,7 @@ class CodecConfig:
             raise ConfigError(f"codec.bits: must be between 1 and 8, got {self.bits}")
         _at_least("codec.block", self.block, 0)
         _one_of("codec.scope", self.scope, ("tensor", "model"))
+        _at_least("codec.feedback_max_age", self.feedback_max_age, 0)
         if self.stochastic and self.bits == 1:
             raise ConfigError("codec.stochastic: needs codec.bits >= 2 (1-bit values are signs)")
 

@@ -338,3 +338,13 @@ def test_error_feedback_clear_leaves_no_residual():
     feedback.clear()
     assert feedback.residual() == {}
     feedback.clear()  # nothing held: still fine
+
+
+def test_error_feedback_drops_a_residual_older_than_max_age():
+    feedback = ErrorFeedback(RecordDict(), max_age=2)
+    ones = {"a": np.ones(3, np.float32)}
+    feedback.keep(ones, {"a": np.zeros(3, np.float32)}, server_round=5)
+    assert np.array_equal(feedback.add_residual(ones, server_round=7)["a"], np.full(3, 2.0))  # age 2: used
+    assert np.array_equal(feedback.add_residual(ones, server_round=8)["a"], np.ones(3))  # age 3: stale
+    forever = ErrorFeedback(feedback.state, max_age=0)
+    assert np.array_equal(forever.add_residual(ones, server_round=100)["a"], np.full(3, 2.0))
