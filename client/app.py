@@ -13,7 +13,7 @@ from client.error_feedback import ErrorFeedback
 from client.global_copy import GlobalCopy
 from client.local_files import load_local_data
 from client.training import train_locally
-from pollen.codec import Identity, codec_from_config, decode, encode, layout_of, wire_bytes
+from pollen.codec import Identity, codec_from_config, decode, dense_wire_bytes, encode, layout_of, wire_bytes
 from pollen.config import Config, from_flat
 from pollen.data import Split, load_dataset, partition
 from pollen.metrics import evaluate
@@ -63,7 +63,7 @@ def train(msg: Message, context: Context) -> Message:
         "train-loss": loss,
         "train-seconds": seconds,
         "encoded-bytes": wire_bytes(payload),
-        "dense-bytes": dense_wire_bytes(tuple(layout_of(update).items())),
+        "dense-bytes": dense_wire_bytes(layout_of(update)),
     })
     return Message(RecordDict({"arrays": payload, "metrics": metrics}), reply_to=msg)
 
@@ -85,12 +85,6 @@ def describe(msg: Message, context: Context) -> Message:
     """Name this node's partition, so a simulation server can address nodes by partition."""
     node = ConfigRecord({"partition-id": int(context.node_config["partition-id"])})
     return Message(RecordDict({"node": node}), reply_to=msg)
-
-
-@functools.lru_cache(maxsize=8)
-def dense_wire_bytes(layout: tuple[tuple[str, tuple[int, ...]], ...]) -> int:
-    """Bytes of the same update as dense fp32 on the wire: fixed by the layout, so measured once."""
-    return wire_bytes(encode({name: np.zeros(shape, np.float32) for name, shape in layout}, Identity()))
 
 
 def global_copy(config: Config, context: Context) -> GlobalCopy:

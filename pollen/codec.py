@@ -40,6 +40,7 @@ from typing import Mapping
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
+from flwr.common.constant import FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from pollen.bits import (
@@ -64,7 +65,7 @@ _MODEL_SCOPE, _DENSE = 1, 2  # header flags
 
 Layout = Mapping[str, tuple[int, ...]]  # tensor name -> shape, in wire order
 
-__all__ = ["CodecError", "Identity", "TopK", "Codec", "encode", "decode", "wire_bytes",
+__all__ = ["CodecError", "Identity", "TopK", "Codec", "encode", "decode", "wire_bytes", "dense_wire_bytes",
            "layout_of", "codec_to_config", "codec_from_config", "decode_sparse"]
 
 
@@ -147,19 +148,46 @@ def layout_of(arrays: ArrayRecord | Mapping[str, np.ndarray]) -> dict[str, tuple
 def wire_bytes(record: ArrayRecord) -> int:
     """Bytes Flower puts on the wire for this record: every serialized object in its tree.
 
-    The size depends only on each array's name, dtype, shape, stype and data length
-    (object ids are fixed-length hashes), so it is measured once per such signature:
-    serializing and hashing every update just to count it cost more than the codec.
+    Flower sends an object once however often it occurs, so identical arrays count once.
+    The size is fixed by each array's name, dtype, shape, stype and data length and by
+    which arrays are identical (object ids are fixed-length hashes), so it is measured
+    once per such signature: serializing and hashing every update just to count it
+    cost more than the codec. Arrays big enough to be cut into chunks (which can repeat
+    inside one array) are measured every time.
     """
-    signature = tuple((name, array.dtype, tuple(array.shape), array.stype, len(array.data))
-                      for name, array in record.items())
+    arrays = list(record.items())
+    if any(len(array.data) > FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE for _, array in arrays):
+        return _serialized_bytes(record)
+    first: dict[tuple, int] = {}  # an array's content -> where it first occurs
+    signature = tuple(
+        (name, array.dtype, tuple(array.shape), array.stype, len(array.data),
+         first.setdefault((array.dtype, tuple(array.shape), array.stype, array.data), i))
+        for i, (name, array) in enumerate(arrays))
     size = _WIRE_BYTES.get(signature)
     if size is None:
         if len(_WIRE_BYTES) >= _WIRE_BYTES_CACHED:
             _WIRE_BYTES.clear()
-        size = _WIRE_BYTES[signature] = sum(
-            len(obj.deflate()) for obj in get_all_nested_objects(record).values())
+        size = _WIRE_BYTES[signature] = _serialized_bytes(record)
     return size
+
+
+def dense_wire_bytes(layout: Layout) -> int:
+    """Bytes of a dense fp32 update of this layout on the wire (the reference for ratios).
+
+    Fixed by the layout, so measured once per layout. Each tensor gets its own fill
+    value: identical arrays travel once, and a real update's tensors never repeat.
+    """
+    return _dense_wire_bytes(tuple((name, tuple(shape)) for name, shape in layout.items()))
+
+
+@functools.lru_cache(maxsize=16)
+def _dense_wire_bytes(layout: tuple[tuple[str, tuple[int, ...]], ...]) -> int:
+    return wire_bytes(encode({name: np.full(shape, i, np.float32) for i, (name, shape) in enumerate(layout)},
+                             Identity()))
+
+
+def _serialized_bytes(record: ArrayRecord) -> int:
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(record).values())
 
 
 _WIRE_BYTES: dict[tuple, int] = {}

@@ -192,4 +192,4 @@ def load_trainable(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
         for name, value in arrays.items():
             if tuple(value.shape) != tuple(params[name].shape):
                 raise ValueError(f"{name}: shape {tuple(value.shape)}, model has {tuple(params[name].shape)}")
-            params[name].copy_(torch.from_numpy(np.asarray(value)))
+            params[name].copy_(torch.tensor(value))  # a copy: the array may be a read-only view

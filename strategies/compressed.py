@@ -25,7 +25,8 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from pollen.codec import Codec, CodecError, codec_to_config, decode, decode_sparse, layout_of, wire_bytes
+from pollen.codec import (Codec, CodecError, codec_to_config, decode, decode_sparse, dense_wire_bytes, layout_of,
+                          wire_bytes)
 from strategies.broadcast import Broadcast
 from strategies.sparse_deltas import sparse_delta_record
 
@@ -79,7 +80,7 @@ class CompressedUpdates(Strategy):
             raise RuntimeError("aggregate_train called before configure_train")
         layout = layout_of(self._global)
         global_arrays = {name: array.numpy() for name, array in self._global.items()}
-        dense_bytes = wire_bytes(self._global)
+        dense_bytes = dense_wire_bytes(layout)
         accepted = []
         replies = list(replies)
         if self.downlink:

@@ -14,6 +14,7 @@ from pollen.codec import (
     codec_from_config,
     codec_to_config,
     decode,
+    dense_wire_bytes,
     encode,
     layout_of,
     wire_bytes,
@@ -295,11 +296,9 @@ def test_codec_settings_round_trip_through_config():
 
 
 def test_dense_wire_bytes_depend_only_on_the_layout():
-    from client.app import dense_wire_bytes
-
     other = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in UPDATE.items()}
     for update in (UPDATE, other):
-        assert dense_wire_bytes(tuple(LAYOUT.items())) == wire_bytes(encode(update, Identity()))
+        assert dense_wire_bytes(LAYOUT) == wire_bytes(encode(update, Identity()))
 
 
 def _serialized_size(record: ArrayRecord) -> int:
@@ -313,8 +312,13 @@ def test_wire_bytes_match_a_fresh_serialization_of_every_record():
     records = [encode({k: rng.normal(size=v.shape).astype(np.float32) for k, v in UPDATE.items()}, c)
                for c in (codec, codec, Identity(), Identity(), TopK(density=0.2, bits=3))]
     records.append(ArrayRecord({"other": Array(np.zeros((3, 3), np.float64))}))
+    zeros = {k: np.zeros(v.shape, np.float32) for k, v in UPDATE.items()}
+    twins = dict(UPDATE, bias=UPDATE["bias"], bias2=UPDATE["bias"].copy())
+    records += [encode(zeros, Identity()), encode(twins, Identity()),  # identical arrays travel once
+                encode(dict(twins, bias2=UPDATE["bias"] + 1), Identity())]
     for record in records:
         assert wire_bytes(record) == _serialized_size(record)
+    assert wire_bytes(records[-2]) < wire_bytes(records[-1])
 
 
 def test_dense_payloads_decode_in_place_and_odd_encodings_still_decode():
