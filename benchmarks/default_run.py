@@ -49,7 +49,9 @@ def federated(config, label: str) -> dict:
         "final_accuracy": records[-1].accuracy,
         "final_macro_f1": records[-1].f1,
         "best_accuracy": max(r.accuracy for r in records),
+        "last_3_rounds_mean_accuracy": round(sum(r.accuracy for r in records[-3:]) / 3, 4),
         "accuracy_by_round": [round(r.accuracy, 4) for r in records],
+        "loss_by_round": [round(r.loss, 4) for r in records],
         "wall_seconds": round(wall, 1),
         "uplink_bytes_per_round": up / len(rounds),
         "dense_uplink_bytes_per_round": dense / len(rounds),
@@ -120,6 +122,8 @@ def main() -> None:
     if "compressed" in result and "dense" in result:
         result["accuracy_gap_points"] = round(
             100 * (result["dense"]["final_accuracy"] - result["compressed"]["final_accuracy"]), 2)
+        result["last_3_rounds_gap_points"] = round(100 * (
+            result["dense"]["last_3_rounds_mean_accuracy"] - result["compressed"]["last_3_rounds_mean_accuracy"]), 2)
     fp32_model = build_model(dataclasses.replace(config.model, quantize="none"), 10)
     int8_model = build_model(config.model, 10)
     result["resident_model_bytes"] = {"fp32": resident_bytes(fp32_model), "int8_base": resident_bytes(int8_model),

@@ -81,6 +81,9 @@ class FederationConfig:
     rounds: int = 20
     strategy: str = "sparse-fedavg"  # a registry name, entry point or dotted path; see strategies/
     fraction_evaluate: float = 0.0  # share of clients asked for federated evaluate
+    server_learning_rate: float = 1.0  # the server moves the model by this times its velocity
+    server_momentum: float = 0.6  # velocity = momentum * velocity + the strategy's step (FedAvgM)
+    server_decay: float = 0.5  # the last share of rounds over which the server rate falls to a tenth
 
     def check(self) -> None:
         _at_least("federation.num_clients", self.num_clients, 1)
@@ -92,6 +95,12 @@ class FederationConfig:
             raise ConfigError(
                 f"federation.fraction_evaluate: must be in [0, 1], got {self.fraction_evaluate}"
             )
+        if not self.server_learning_rate > 0:
+            raise ConfigError(f"federation.server_learning_rate: must be positive, got {self.server_learning_rate}")
+        if not 0.0 <= self.server_momentum < 1.0:
+            raise ConfigError(f"federation.server_momentum: must be in [0, 1), got {self.server_momentum}")
+        if not 0.0 <= self.server_decay <= 1.0:
+            raise ConfigError(f"federation.server_decay: must be in [0, 1], got {self.server_decay}")
         if self.clients_per_round > self.num_clients:
             raise ConfigError(
                 f"federation.clients_per_round: {self.clients_per_round} is more than "

@@ -22,7 +22,7 @@ from pollen.metrics import evaluate
 from pollen.models import initial_arrays, load_model, load_trainable
 from server.checkpoint import ResumedRounds, forget_client_versions, load_checkpoint, restore_rng, save_checkpoint
 from server.records import RoundRecord, RunRecord, read_records
-from strategies import RoundTraffic, make_strategy
+from strategies import RoundTraffic, ServerMomentum, make_strategy
 from strategies.broadcast import Broadcast
 
 NUM_CLASSES = 10
@@ -86,6 +86,7 @@ def run_federation(grid: Grid, config: Config, folder: Path,
     start = initial_arrays(config.model, NUM_CLASSES, config.seed)
     strategy = make_strategy(
         fed.strategy, codec_of(config), config.strategy.settings, downlink_of(config, start),
+        ServerMomentum(fed.server_learning_rate, fed.server_momentum, fed.server_decay, fed.rounds),
         fraction_train=fed.clients_per_round / fed.num_clients,
         min_train_nodes=fed.clients_per_round,
         min_available_nodes=fed.clients_per_round,

@@ -30,6 +30,7 @@ from pollen.config import Config, ConfigError
 from strategies.broadcast import Broadcast
 from strategies.compressed import CompressedUpdates, RoundTraffic
 from strategies.fednova import FedNova
+from strategies.server_momentum import ServerMomentum
 from strategies.sparse_fedavg import SparseFedAvg
 from strategies.sparse_median import SparseMedian
 from strategies.sparse_trimmed_mean import SparseTrimmedMean
@@ -125,7 +126,8 @@ def check_params(name: str, params: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def make_strategy(name: str, codec: Codec, params: Mapping[str, Any] | None = None,
-                  downlink: Broadcast | None = None, **sampling) -> CompressedUpdates:
+                  downlink: Broadcast | None = None, server: ServerMomentum | None = None,
+                  **sampling) -> CompressedUpdates:
     """``make_strategy("fedadam", TopK(0.01), {"eta": 0.01}, fraction_train=0.1)`` -> wrapped strategy.
 
     ``params`` are the user's (checked); ``sampling`` are Pollen's own settings.
@@ -136,7 +138,7 @@ def make_strategy(name: str, codec: Codec, params: Mapping[str, Any] | None = No
         inner = cls(**sampling, **settings)
     except (TypeError, ValueError) as error:  # a value the strategy itself refuses
         raise StrategyError(f"strategy: {name} rejected {settings}: {error}") from error
-    return CompressedUpdates(inner, codec, downlink)
+    return CompressedUpdates(inner, codec, downlink, server)
 
 
 def check_strategy(config: Config) -> None:
@@ -172,7 +174,8 @@ def _strategy_class(obj: Any, where: str) -> type[Strategy]:
 
 
 __all__ = [
-    "CompressedUpdates", "ENTRY_POINT_GROUP", "FedNova", "RoundTraffic", "STRATEGIES", "SparseFedAvg",
+    "CompressedUpdates", "ENTRY_POINT_GROUP", "FedNova", "RoundTraffic", "STRATEGIES", "ServerMomentum",
+    "SparseFedAvg",
     "SparseMedian", "SparseTrimmedMean", "StrategyError", "check_params", "check_strategy",
     "make_strategy", "resolve_strategy", "strategy_parameters",
 ]

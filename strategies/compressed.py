@@ -9,6 +9,8 @@ fails any check is dropped and logged; the round goes on with the rest.
 With a ``Broadcast`` (strategies/broadcast.py) the way down is compressed too:
 each node gets only the change of the global arrays since the version it holds,
 and the global arrays move by the encoded step of what the inner strategy proposed.
+With a ``ServerMomentum`` (strategies/server_momentum.py) the server applies what the
+inner strategy proposed as FedAvgM does, with a velocity over rounds.
 
 It also counts the bytes that cross the wire each round, in both directions.
 """
@@ -28,6 +30,7 @@ from flwr.serverapp.strategy import Strategy
 from pollen.codec import (Codec, CodecError, codec_to_config, decode, decode_sparse, dense_wire_bytes, layout_of,
                           wire_bytes)
 from strategies.broadcast import Broadcast
+from strategies.server_momentum import ServerMomentum
 from strategies.sparse_deltas import sparse_delta_record
 
 # What a train reply's MetricRecord must carry; only these reach the inner strategy.
@@ -53,17 +56,20 @@ class RoundTraffic:
 class CompressedUpdates(Strategy):
     """Decode, validate and delegate: ``CompressedUpdates(FedAvg(...), TopK(0.01))``."""
 
-    def __init__(self, inner: Strategy, codec: Codec, downlink: Broadcast | None = None) -> None:
+    def __init__(self, inner: Strategy, codec: Codec, downlink: Broadcast | None = None,
+                 server: ServerMomentum | None = None) -> None:
         self.inner = inner
         self.codec = codec
         self.downlink = downlink  # None: dense fp32 global arrays in every message
+        self.server = server or ServerMomentum()  # how the proposed arrays are applied
         self.traffic: dict[int, RoundTraffic] = {}
         self.train_metrics: dict[int, MetricRecord] = {}  # the inner strategy's aggregate
         self._global: ArrayRecord | None = None
 
     def summary(self) -> None:
-        log(INFO, "\t> CompressedUpdates with codec %s, downlink %s, around:", self.codec,
-            self.downlink.codec if self.downlink else "dense fp32")
+        log(INFO, "\t> CompressedUpdates with codec %s, downlink %s, server lr %s momentum %s decay %s, around:",
+            self.codec, self.downlink.codec if self.downlink else "dense fp32",
+            self.server.learning_rate, self.server.momentum, self.server.decay)
         self.inner.summary()
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -113,6 +119,7 @@ class CompressedUpdates(Strategy):
         if arrays is not None:  # keep the model's dtypes: FedAdam & co. return float64 under NumPy 2
             arrays = ArrayRecord({name: Array(array.numpy().astype(global_arrays[name].dtype, copy=False))
                                   for name, array in arrays.items()})
+            arrays = self.server.apply(self._global, arrays, server_round)
             if self.downlink:
                 arrays = self.downlink.advance(self._global, arrays)
         if metrics is not None:

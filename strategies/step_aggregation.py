@@ -33,23 +33,10 @@ def unflatten(flat: np.ndarray, like: ArrayRecord) -> ArrayRecord:
 
 
 class StepAggregation(FedAvg):
-    """Flower's FedAvg with the array aggregation replaced by ``step``.
+    """Flower's FedAvg with the array aggregation replaced by ``step``."""
 
-    The server applies the step as FedAvgM does (Hsu et al., 2019): a velocity
-    v = server_momentum * v + step, and the global vector moves by
-    server_learning_rate * v. With the defaults (1.0, 0.0) the step is applied as is.
-    """
-
-    def __init__(self, *, server_learning_rate: float = 1.0, server_momentum: float = 0.0,
-                 **settings) -> None:
+    def __init__(self, **settings) -> None:
         super().__init__(**settings)
-        if not server_learning_rate > 0:
-            raise ValueError(f"server_learning_rate must be positive, got {server_learning_rate}")
-        if not 0.0 <= server_momentum < 1.0:
-            raise ValueError(f"server_momentum must be in [0, 1), got {server_momentum}")
-        self.server_learning_rate = server_learning_rate
-        self.server_momentum = server_momentum
-        self.velocity: np.ndarray | None = None
         self.current: ArrayRecord | None = None
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -66,12 +53,7 @@ class StepAggregation(FedAvg):
         weights = np.array([float(next(iter(content.metric_records.values()))[self.weighted_by_key])
                             for content in contents])
         current = flatten(self.current)
-        step = self.step(contents, weights, current)
-        if self.server_momentum:
-            fresh = self.velocity is None or self.velocity.shape != step.shape
-            self.velocity = step if fresh else self.server_momentum * self.velocity + step
-            step = self.velocity
-        arrays = unflatten(current + self.server_learning_rate * step, self.current)
+        arrays = unflatten(current + self.step(contents, weights, current), self.current)
         return arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
 
     def step(self, contents: list[RecordDict], weights: np.ndarray, current: np.ndarray) -> np.ndarray:

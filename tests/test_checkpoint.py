@@ -42,10 +42,13 @@ def stop_after(round_: int):
     return on_round
 
 
-@pytest.mark.parametrize("strategy", ["sparse-fedavg", "fedadam"])
-def test_resumed_run_ends_with_the_uninterrupted_model(tmp_path, strategy):
+@pytest.mark.parametrize("strategy, extra", [
+    ("sparse-fedavg", {"federation.server_momentum": "0.6", "federation.server_decay": "0.5"}),  # velocity
+    ("fedadam", {}),
+])
+def test_resumed_run_ends_with_the_uninterrupted_model(tmp_path, strategy, extra):
     """Sampling, the adaptive optimizer's moments and the downlink's server state all come back."""
-    config = tiny(strategy)
+    config = tiny(strategy, **extra)
     whole = tmp_path / "whole"
     grid = InProcessGrid(client_app, config.federation.num_clients, to_flat(config))
     run_federation(grid, config, whole)

@@ -152,33 +152,3 @@ def test_sparse_fedavg_equals_fedavg_on_dense_updates():
     for name in GLOBAL:
         np.testing.assert_allclose(sparse[name], plain[name], rtol=1e-4, atol=1e-5)
 
-
-@pytest.mark.parametrize("name", ["sparse-fedavg", "fednova", "sparse-median"])
-def test_step_strategies_apply_server_momentum_like_fedavgm(name):
-    params = {"server_learning_rate": 0.5, "server_momentum": 0.5}
-    strategy = make_strategy(name, Identity(), params, min_available_nodes=3, min_train_nodes=3)
-    plain = make_strategy(name, Identity(), min_available_nodes=3, min_train_nodes=3)
-    current = {k: v.copy() for k, v in GLOBAL.items()}
-    velocity = {k: np.zeros_like(v) for k, v in GLOBAL.items()}
-    for server_round in (1, 2, 3):
-        record = ArrayRecord({k: Array(v) for k, v in current.items()})
-        deltas = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in GLOBAL.items()} for _ in range(3)]
-        steps = []
-        for s in (strategy, plain):  # the plain strategy gives this round's step without momentum
-            round_config = ConfigRecord({"lr": 0.1, "local-epochs": 1, "batch-size": 4})
-            messages = list(s.configure_train(server_round, record, round_config, FixedGrid()))
-            replies = [make_reply(m, encode(d, Identity()), metrics(n)) for m, d, n in zip(messages, deltas, [5, 10, 20])]
-            arrays, _ = s.aggregate_train(server_round, replies)
-            steps.append({k: arrays[k].numpy() - current[k] for k in GLOBAL})
-        moved, step = steps
-        for k in GLOBAL:
-            velocity[k] = 0.5 * velocity[k] + step[k]
-            np.testing.assert_allclose(moved[k], 0.5 * velocity[k], rtol=1e-4, atol=1e-5)
-            current[k] = current[k] + moved[k]
-
-
-def test_server_momentum_settings_are_checked():
-    with pytest.raises(ValueError, match="server_momentum must be in"):
-        make_strategy("sparse-fedavg", Identity(), {"server_momentum": 1.0})
-    with pytest.raises(ValueError, match="server_learning_rate must be positive"):
-        make_strategy("sparse-fedavg", Identity(), {"server_learning_rate": 0.0})
