@@ -75,6 +75,7 @@ def main() -> None:
         f"federation.rounds={args.rounds}", "train.local_epochs=1",
         *([] if args.tiny else ["model.image_size=32", "data.test_size=500"]), "data.min_partition_size=5", "codec.name=identity",
         "downlink.name=identity", "federation.strategy=fedavg",
+        "federation.server_momentum=0", "federation.server_decay=0",  # the plain loop's FedAvg, as is
     ])
     from simulations.ray_backend import run_on_ray
     from simulations.run import run_in_process
