@@ -2,10 +2,9 @@
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import FedAvg, FedAvgM
 from flwr.supercore.task_identity import TaskIdentity
-from strategy_replies import run_round, sampling
+from strategy_replies import record_of, run_round, sampling
 
 from pollen.codec import Identity, TopK
 from pollen.config import ConfigError, load_config
@@ -20,16 +19,12 @@ def task_identity():
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
 
 
-def record(arrays):
-    return ArrayRecord({k: Array(np.asarray(v, dtype=np.float32)) for k, v in arrays.items()})
-
-
 def test_velocity_accumulates_steps_over_rounds():
     server = ServerMomentum(learning_rate=0.5, momentum=0.5)
     current, velocity = dict(START), {k: np.zeros_like(v, dtype=np.float64) for k, v in START.items()}
     for _ in range(3):
         step = {k: rng.normal(size=v.shape) for k, v in START.items()}
-        new = server.apply(record(current), record({k: current[k] + step[k] for k in START}))
+        new = server.apply(record_of(current), record_of({k: current[k] + step[k] for k in START}))
         for k in START:
             velocity[k] = 0.5 * velocity[k] + step[k]
             expected = current[k] + 0.5 * velocity[k]
@@ -39,8 +34,8 @@ def test_velocity_accumulates_steps_over_rounds():
 
 
 def test_plain_settings_take_the_proposal_as_it_is():
-    proposed = record({k: v + 1 for k, v in START.items()})
-    assert ServerMomentum().apply(record(START), proposed) is proposed
+    proposed = record_of({k: v + 1 for k, v in START.items()})
+    assert ServerMomentum().apply(record_of(START), proposed) is proposed
 
 
 def test_around_fedavg_it_is_flowers_fedavgm():
@@ -78,8 +73,8 @@ def test_rate_is_constant_then_falls_linearly_to_a_tenth():
 def test_the_decayed_rate_moves_the_model_by_less():
     server = ServerMomentum(decay=1.0, rounds=2)  # round 1 at 0.55, round 2 at a tenth
     step = {k: np.ones_like(v) for k, v in START.items()}
-    proposed = record({k: START[k] + step[k] for k in START})
-    moved = server.apply(record(START), proposed, server_round=2)
+    proposed = record_of({k: START[k] + step[k] for k in START})
+    moved = server.apply(record_of(START), proposed, server_round=2)
     np.testing.assert_allclose(moved["w"].numpy() - START["w"], 0.1, rtol=1e-5)
 
 

@@ -3,6 +3,7 @@
 import sys
 import textwrap
 from importlib.metadata import EntryPoint
+from pathlib import Path
 
 import pytest
 from flwr.serverapp.strategy import FedAdam, FedAvg
@@ -122,8 +123,8 @@ def test_the_readme_strategy_example_runs(tmp_path, monkeypatch):
 
     import numpy as np
 
-    readme = (strategies.__file__.rsplit("/strategies/", 1)[0] + "/README.md")
-    code = re.search(r"```python\n# my_package/sign_vote.py\n(.*?)```", open(readme).read(), re.S).group(1)
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    code = re.search(r"```python\n# my_package/sign_vote.py\n(.*?)```", readme.read_text(), re.S).group(1)
     (tmp_path / "sign_vote.py").write_text(code)
     monkeypatch.syspath_prepend(str(tmp_path))
     from flwr.supercore.task_identity import TaskIdentity

@@ -151,4 +151,3 @@ def test_sparse_fedavg_equals_fedavg_on_dense_updates():
     plain, _ = sparse_round(Identity(), deltas, [5, 10, 20], name="fedavg")
     for name in GLOBAL:
         np.testing.assert_allclose(sparse[name], plain[name], rtol=1e-4, atol=1e-5)
-
