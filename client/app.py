@@ -36,7 +36,7 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(round_config.get("server-round", 0))
     seed = config.seed * 1_000_003 + server_round * 10_007 + int(context.node_config["partition-id"])
     started = time.perf_counter()
-    loss = train_locally(
+    run = train_locally(
         model, data,
         epochs=int(round_config["local-epochs"]),
         batch_size=int(round_config["batch-size"]),
@@ -52,7 +52,7 @@ def train(msg: Message, context: Context) -> Message:
     update = feedback.add_residual({name: local[name] - global_arrays[name] for name in global_arrays},
                                    server_round)
     codec = codec_from_config(round_config)
-    payload = encode(update, codec, seed=seed)
+    payload = encode(update, codec, seed=seed, gradient_rms=run.gradient_rms)
     if isinstance(codec, Identity):
         feedback.clear()  # a lossless payload leaves nothing behind
     else:
@@ -60,7 +60,7 @@ def train(msg: Message, context: Context) -> Message:
 
     metrics = MetricRecord({
         "num-examples": len(data),
-        "train-loss": loss,
+        "train-loss": run.loss,
         "train-seconds": seconds,
         "encoded-bytes": wire_bytes(payload),
         "dense-bytes": dense_wire_bytes(layout_of(update)),

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -9,14 +12,23 @@ from torch import nn
 from pollen.data import Split
 
 
+@dataclass
+class LocalRun:
+    """What one local training leaves besides the model."""
+
+    loss: float  # mean training loss over every sample seen
+    gradient_rms: dict[str, np.ndarray]  # per trainable array: RMS of its gradients (AdamW's 2nd moment)
+
+
 def train_locally(model: nn.Module, data: Split, *, epochs: int, batch_size: int, lr: float,
-                  weight_decay: float = 0.0, proximal_mu: float = 0.0, seed: int = 0) -> float:
-    """AdamW on the trainable parameters for ``epochs`` passes; returns the mean loss.
+                  weight_decay: float = 0.0, proximal_mu: float = 0.0, seed: int = 0) -> LocalRun:
+    """AdamW on the trainable parameters for ``epochs`` passes.
 
     With ``proximal_mu`` > 0 the FedProx term mu/2 * ||w - w_global||^2 keeps the
     local model near the global one it started from.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     start = [p.detach().clone() for p in params]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
@@ -34,4 +46,14 @@ def train_locally(model: nn.Module, data: Split, *, epochs: int, batch_size: int
             optimizer.step()
             total += loss.item() * len(batch)
             seen += len(batch)
-    return total / seen
+    return LocalRun(total / seen, {name: _gradient_rms(optimizer, p) for name, p in named})
+
+
+def _gradient_rms(optimizer: torch.optim.AdamW, param: torch.Tensor) -> np.ndarray:
+    """sqrt of AdamW's bias-corrected second moment: the RMS of the parameter's recent gradients."""
+    state = optimizer.state.get(param)
+    if not state:  # no gradient ever reached it
+        return np.zeros(tuple(param.shape), np.float32)
+    beta2 = optimizer.param_groups[0]["betas"][1]
+    second = state["exp_avg_sq"] / (1 - beta2 ** float(state["step"]))
+    return second.sqrt().detach().cpu().numpy().astype(np.float32)

@@ -61,6 +61,7 @@ VERSION = 2
 TOPK_ID = 1
 TOPK_STYPE = "pollen.topk"
 SCOPES = ("tensor", "model")
+SELECTIONS = ("magnitude", "salience")
 _MODEL_SCOPE, _DENSE = 1, 2  # header flags
 
 Layout = Mapping[str, tuple[int, ...]]  # tensor name -> shape, in wire order
@@ -81,7 +82,12 @@ class TopK:
     ``bits``: 8 (default), 2..7, or 1 for signs with a mean magnitude (ternary with
     the zeros implied by top-k). ``block``: kept values per scale, 0 = one scale per
     tensor (or per update with ``scope="model"``). ``stochastic``: unbiased
-    stochastic rounding, seeded by the ``seed`` given to ``encode``.
+    stochastic rounding, seeded by the ``seed`` given to ``encode``. ``select``:
+    which entries count as largest, ``magnitude`` |u| or ``salience`` |u| times the
+    RMS of the entry's training gradients, a first-order estimate of how much of the
+    local loss decrease each change carries (AdamW's steps are nearly equal in size,
+    so their magnitude alone says little). It is the sender's choice: the payload
+    and the decoder are the same either way.
     """
 
     density: float = 0.01
@@ -89,6 +95,7 @@ class TopK:
     block: int = 0
     scope: str = "tensor"
     stochastic: bool = False
+    select: str = "magnitude"
 
     def __post_init__(self) -> None:
         if not 0.0 < self.density <= 1.0:
@@ -101,6 +108,8 @@ class TopK:
             raise ValueError(f"scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
         if self.stochastic and self.bits == 1:
             raise ValueError("stochastic rounding needs bits >= 2 (1-bit values are signs)")
+        if self.select not in SELECTIONS:
+            raise ValueError(f"select must be one of {', '.join(SELECTIONS)}, got {self.select!r}")
 
     def max_kept(self, sizes: list[int]) -> int:
         """Most values an update of these tensor sizes may carry."""
@@ -121,7 +130,8 @@ def codec_to_config(codec: Codec, prefix: str = "codec.") -> dict[str, str | flo
     if isinstance(codec, TopK):
         return {f"{prefix}name": "topk", f"{prefix}density": codec.density,
                 f"{prefix}bits": codec.bits, f"{prefix}block": codec.block,
-                f"{prefix}scope": codec.scope, f"{prefix}stochastic": codec.stochastic}
+                f"{prefix}scope": codec.scope, f"{prefix}stochastic": codec.stochastic,
+                f"{prefix}select": codec.select}
     return {f"{prefix}name": "identity"}
 
 
@@ -132,7 +142,8 @@ def codec_from_config(config: Mapping, prefix: str = "codec.") -> Codec:
             return TopK(density=float(config[f"{prefix}density"]), bits=int(config[f"{prefix}bits"]),
                         block=int(config.get(f"{prefix}block", 0)),
                         scope=str(config.get(f"{prefix}scope", "tensor")),
-                        stochastic=bool(config.get(f"{prefix}stochastic", False)))
+                        stochastic=bool(config.get(f"{prefix}stochastic", False)),
+                        select=str(config.get(f"{prefix}select", "magnitude")))
         except (KeyError, ValueError) as error:
             raise CodecError(f"bad codec settings: {error}") from None
     if name == "identity":
@@ -194,10 +205,12 @@ _WIRE_BYTES: dict[tuple, int] = {}
 _WIRE_BYTES_CACHED = 4096  # signatures; top-k blobs vary in length, so the memo is bounded
 
 
-def encode(update: Mapping[str, np.ndarray], codec: Codec, seed: int = 0) -> ArrayRecord:
+def encode(update: Mapping[str, np.ndarray], codec: Codec, seed: int = 0,
+           gradient_rms: Mapping[str, np.ndarray] | None = None) -> ArrayRecord:
     """Encode a dict of float32 arrays (in layout order) into an ArrayRecord.
 
     ``seed`` drives stochastic rounding only; the same inputs and seed give the same bytes.
+    ``gradient_rms`` (same names and shapes, non-negative) is needed by ``select="salience"``.
     """
     if isinstance(codec, Identity):
         return ArrayRecord({k: Array(np.asarray(v, dtype=np.float32, order="C"))
@@ -207,7 +220,7 @@ def encode(update: Mapping[str, np.ndarray], codec: Codec, seed: int = 0) -> Arr
     if not np.isfinite(flat).all():
         raise CodecError("update contains NaN or infinity")
     offsets = _offsets(layout)
-    indices = _select(flat, offsets, codec)
+    indices = _select(_ranking(flat, layout, codec, gradient_rms), offsets, codec)
     dense = indices.size == flat.size
     flags = (_MODEL_SCOPE if codec.scope == "model" else 0) | (_DENSE if dense else 0)
     header = [MAGIC, bytes([VERSION, TOPK_ID, codec.bits, flags]), varint(len(layout)),
@@ -266,6 +279,24 @@ def _flatten(update: Mapping[str, np.ndarray]) -> np.ndarray:
 def _offsets(layout: Layout) -> np.ndarray:
     """Start of each tensor in the flat vector, plus the total size at the end."""
     return np.cumsum([0] + [int(np.prod(shape)) for shape in layout.values()], dtype=np.int64)
+
+
+def _ranking(flat: np.ndarray, layout: Layout, codec: TopK,
+             gradient_rms: Mapping[str, np.ndarray] | None) -> np.ndarray:
+    """The scores top-k picks by (largest absolute value first)."""
+    if codec.select == "magnitude":
+        return flat
+    if gradient_rms is None:
+        raise ValueError("select='salience' needs the gradients' RMS per entry")
+    if layout_of(gradient_rms) != dict(layout):
+        raise ValueError("gradient RMS names or shapes differ from the update's")
+    rms = _flatten(gradient_rms).astype(np.float64)
+    if not (np.isfinite(rms).all() and (rms >= 0).all()):
+        raise ValueError("gradient RMS must be finite and non-negative")
+    magnitude = np.abs(flat).astype(np.float64)
+    # Entries no gradient reached (an error-feedback residual alone) rank below the rest,
+    # by magnitude among themselves.
+    return magnitude * rms + magnitude * 1e-200
 
 
 def _top(values: np.ndarray, k: int) -> np.ndarray:

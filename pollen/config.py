@@ -119,6 +119,7 @@ class CodecConfig:
     scope: str = "tensor"  # top-k per tensor, or over the whole update (model)
     stochastic: bool = False  # unbiased stochastic rounding of values
     feedback_max_age: int = 2  # rounds an unsent residual may wait before it is dropped; 0 = forever
+    select: str = "magnitude"  # what top-k ranks by: magnitude | salience (magnitude x gradient RMS)
 
     def check(self) -> None:
         _one_of("codec.name", self.name, ("topk", "identity"))
@@ -129,6 +130,7 @@ class CodecConfig:
         _at_least("codec.block", self.block, 0)
         _one_of("codec.scope", self.scope, ("tensor", "model"))
         _at_least("codec.feedback_max_age", self.feedback_max_age, 0)
+        _one_of("codec.select", self.select, ("magnitude", "salience"))
         if self.stochastic and self.bits == 1:
             raise ConfigError("codec.stochastic: needs codec.bits >= 2 (1-bit values are signs)")
 

@@ -83,6 +83,35 @@ def test_model_scope_keeps_the_largest_entries_of_the_whole_update():
     assert np.flatnonzero(out["large"]).tolist() == list(range(90, 100))
 
 
+def test_salience_ranks_by_magnitude_times_gradient_rms():
+    codec = TopK(density=0.3, select="salience")
+    update = {"w": np.array([4.0, 3.0, 2.0, 1.0, -0.5, 0.0, 0.0, 0.0, 0.0, 0.0], np.float32)}
+    rms = {"w": np.array([0.1, 0.1, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0], np.float32)}
+    out = decode(encode(update, codec, gradient_rms=rms), layout_of(update), codec)
+    assert np.flatnonzero(out["w"]).tolist() == [0, 2, 3]  # scores 0.4, 2.0, 1.0 beat 0.3
+    assert out["w"][2] == pytest.approx(2.0, abs=0.02)  # the values sent are the update's
+    # An entry no gradient reached (a residual alone) still goes, after every scored one.
+    wide = decode(encode(update, TopK(density=0.5, select="salience"), gradient_rms=rms),
+                  layout_of(update), TopK(density=0.5, select="salience"))
+    assert np.flatnonzero(wide["w"]).tolist() == [0, 1, 2, 3, 4]
+    # The same payload format: a magnitude decoder reads it, only the choice of entries differs.
+    plain = decode(encode(update, TopK(density=0.3)), layout_of(update), TopK(density=0.3))
+    assert np.flatnonzero(plain["w"]).tolist() == [0, 1, 2]
+
+
+def test_salience_without_gradients_or_with_bad_ones_is_refused():
+    codec = TopK(density=0.5, select="salience")
+    update = {"w": np.ones(4, np.float32)}
+    with pytest.raises(ValueError, match="RMS"):
+        encode(update, codec)
+    with pytest.raises(ValueError, match="shapes"):
+        encode(update, codec, gradient_rms={"w": np.ones(5, np.float32)})
+    with pytest.raises(ValueError, match="non-negative"):
+        encode(update, codec, gradient_rms={"w": -np.ones(4, np.float32)})
+    with pytest.raises(ValueError, match="select"):
+        TopK(select="random")
+
+
 def test_stochastic_rounding_is_unbiased_and_seeded():
     codec = TopK(density=1.0, bits=2, stochastic=True)  # levels -1, 0, +1
     update = {"w": np.concatenate([[1.0], np.full(20_000, 0.25)]).astype(np.float32)}
@@ -290,7 +319,7 @@ def test_one_percent_update_is_over_100x_smaller_on_the_wire():
 
 
 def test_codec_settings_round_trip_through_config():
-    for codec in (Identity(), TopK(density=0.02, bits=4)):
+    for codec in (Identity(), TopK(density=0.02, bits=4), TopK(select="salience")):
         assert codec_from_config(codec_to_config(codec)) == codec
     with pytest.raises(CodecError, match="unknown codec"):
         codec_from_config({"codec.name": "gzip"})

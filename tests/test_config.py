@@ -10,15 +10,16 @@ def test_default_yaml_restates_the_built_in_defaults():
 
 def test_codec_settings_reach_the_codec():
     config = load_config(overrides=["codec.bits=4", "codec.block=32", "codec.scope=model",
-                                    "codec.stochastic=true", "codec.density=0.05"])
+                                    "codec.stochastic=true", "codec.density=0.05", "codec.select=salience"])
     assert codec_from_config(to_flat(config)) == TopK(density=0.05, bits=4, block=32, scope="model",
-                                                      stochastic=True)
+                                                      stochastic=True, select="salience")
 
 
 @pytest.mark.parametrize("override, named", [
     ("codec.bits=0", "codec.bits"),
     ("codec.scope=layer", "codec.scope"),
     ("codec.block=-1", "codec.block"),
+    ("codec.select=random", "codec.select"),
     ("downlink.name=gzip", "downlink.name"),
     ("downlink.density=0", "downlink.density"),
     ("downlink.bits=1", "downlink.bits"),

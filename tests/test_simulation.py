@@ -62,10 +62,11 @@ def train_message(grid, config, codec, server_round=1):
     return arrays, grid.create_message(content, "train", 1, "1")
 
 
-def test_client_replies_with_a_decodable_update_and_keeps_its_residual():
+@pytest.mark.parametrize("select", ["magnitude", "salience"])
+def test_client_replies_with_a_decodable_update_and_keeps_its_residual(select):
     config = load_config(TINY)
     grid = InProcessGrid(client_app, 3, to_flat(config))
-    codec = TopK(density=0.05)
+    codec = TopK(density=0.05, select=select)
     arrays, message = train_message(grid, config, codec)
     (reply,) = grid.send_and_receive([message])
     assert not reply.has_error()
