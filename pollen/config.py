@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from pollen.codec import SCOPES, SELECTIONS
+
 
 class ConfigError(ValueError):
     """A configuration key or value is wrong; the message names the key."""
@@ -128,9 +130,9 @@ class CodecConfig:
         if not 1 <= self.bits <= 8:
             raise ConfigError(f"codec.bits: must be between 1 and 8, got {self.bits}")
         _at_least("codec.block", self.block, 0)
-        _one_of("codec.scope", self.scope, ("tensor", "model"))
+        _one_of("codec.scope", self.scope, SCOPES)
         _at_least("codec.feedback_max_age", self.feedback_max_age, 0)
-        _one_of("codec.select", self.select, ("magnitude", "salience"))
+        _one_of("codec.select", self.select, SELECTIONS)
         if self.stochastic and self.bits == 1:
             raise ConfigError("codec.stochastic: needs codec.bits >= 2 (1-bit values are signs)")
 
