@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.global_copy import GlobalCopy
 from pollen.codec import Identity, TopK, encode, wire_bytes
@@ -17,9 +16,7 @@ LAYOUT = {k: v.shape for k, v in INITIAL.items()}
 NODES = [1, 2, 3, 4]
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+pytestmark = pytest.mark.usefixtures("task_identity")  # see conftest.py
 
 
 class FixedGrid:

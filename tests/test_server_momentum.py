@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 from flwr.serverapp.strategy import FedAvg, FedAvgM
-from flwr.supercore.task_identity import TaskIdentity
 from strategy_replies import record_of, run_round, sampling
 
 from pollen.codec import Identity, TopK
@@ -14,9 +13,7 @@ rng = np.random.default_rng(3)
 START = {"w": rng.normal(size=(6, 5)).astype(np.float32), "b": rng.normal(size=5).astype(np.float32)}
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+pytestmark = pytest.mark.usefixtures("task_identity")  # see conftest.py
 
 
 def test_velocity_accumulates_steps_over_rounds():

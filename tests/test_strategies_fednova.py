@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 from flwr.serverapp.exception import AggregationError
-from flwr.supercore.task_identity import TaskIdentity
 
 from pollen.codec import Identity
 from strategies import make_strategy
@@ -12,9 +11,7 @@ from strategy_replies import configure, run_round, sampling
 BATCH, LR = 16, 0.01
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+pytestmark = pytest.mark.usefixtures("task_identity")  # see conftest.py
 
 
 def local_sgd(w: np.ndarray, optimum: np.ndarray, steps: int) -> np.ndarray:

@@ -3,7 +3,6 @@ CompressedUpdates, produces exactly what the same Flower strategy produces on it
 
 import numpy as np
 import pytest
-from flwr.supercore.task_identity import TaskIdentity
 
 from pollen.codec import Identity
 from strategies import STRATEGIES, make_strategy
@@ -25,9 +24,7 @@ rng = np.random.default_rng(1)
 GLOBAL = {"w": rng.normal(size=(6, 5)).astype(np.float32), "b": rng.normal(size=5).astype(np.float32)}
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+pytestmark = pytest.mark.usefixtures("task_identity")  # see conftest.py
 
 
 def test_all_flower_strategies_are_registered_as_flower_classes():

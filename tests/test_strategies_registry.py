@@ -117,7 +117,7 @@ def test_fedavg_class_is_flowers():
     assert resolve_strategy("fedavg") is FedAvg
 
 
-def test_the_readme_strategy_example_runs(tmp_path, monkeypatch):
+def test_the_readme_strategy_example_runs(tmp_path, monkeypatch, task_identity):
     """The SignVote plug-in in README.md loads by dotted path and aggregates a round."""
     import re
 
@@ -127,10 +127,8 @@ def test_the_readme_strategy_example_runs(tmp_path, monkeypatch):
     code = re.search(r"```python\n# my_package/sign_vote.py\n(.*?)```", readme.read_text(), re.S).group(1)
     (tmp_path / "sign_vote.py").write_text(code)
     monkeypatch.syspath_prepend(str(tmp_path))
-    from flwr.supercore.task_identity import TaskIdentity
     from strategy_replies import run_round, sampling
 
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     strategy = make_strategy("sign_vote:SignVote", Identity(), {"vote_step": 0.25}, **sampling(2))
     start = {"w": np.zeros(4, np.float32)}
     deltas = [{"w": np.array([1.0, 0.0, -3.0, 2.0], np.float32)},

@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-from flwr.supercore.task_identity import TaskIdentity
 
 from pollen.codec import Identity, TopK
 from strategies import STRATEGIES, SparseFedAvg, make_strategy
@@ -13,9 +12,7 @@ rng = np.random.default_rng(2)
 GLOBAL = {"w": rng.normal(size=(20, 30)).astype(np.float32), "b": rng.normal(size=30).astype(np.float32)}
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+pytestmark = pytest.mark.usefixtures("task_identity")  # see conftest.py
 
 
 def step(name, deltas, codec, params=None, sizes=None):

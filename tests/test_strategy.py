@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
-from flwr.supercore.task_identity import TaskIdentity
 
 from pollen.codec import Identity, TopK, encode, wire_bytes
 from strategies import STRATEGIES, CompressedUpdates, make_strategy
@@ -28,9 +27,7 @@ def metrics(n):
     return {"num-examples": n, "train-loss": 1.0, "train-seconds": 0.1}
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+pytestmark = pytest.mark.usefixtures("task_identity")  # see conftest.py
 
 
 def configure(strategy):
