@@ -77,7 +77,8 @@ def centralized(config, learning_rates: list[float]) -> dict:
         model = build_model(config.model, 10, config.seed)
         started = time.perf_counter()
         loss = train_locally(model, train, epochs=epochs, batch_size=config.train.batch_size,
-                             lr=lr, weight_decay=config.train.weight_decay, seed=config.seed).loss
+                             lr=lr, weight_decay=config.train.weight_decay,
+                             adam_eps=config.train.adam_eps, seed=config.seed).loss
         runs[str(lr)] = {"accuracy": evaluate(model, test)["accuracy"], "train_loss": loss,
                          "wall_seconds": round(time.perf_counter() - started, 1)}
     best = max(runs.values(), key=lambda run: run["accuracy"])

@@ -50,7 +50,7 @@ def plain_loop(config: Config) -> float:
             data = local_data(config, {"partition-id": partition_id, "num-partitions": fed.num_clients})
             load_trainable(model, global_arrays)
             train_locally(model, data, epochs=train.local_epochs, batch_size=train.batch_size, lr=train.lr,
-                          weight_decay=train.weight_decay,
+                          weight_decay=train.weight_decay, adam_eps=train.adam_eps,
                           seed=config.seed * 1_000_003 + server_round * 10_007 + partition_id)
             for name, value in trainable_arrays(model).items():
                 total[name] += len(data) * value

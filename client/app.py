@@ -12,7 +12,7 @@ from flwr.clientapp import ClientApp
 from client.error_feedback import ErrorFeedback
 from client.global_copy import GlobalCopy
 from client.local_files import load_local_data
-from client.training import train_locally
+from client.training import ADAM_EPS, train_locally
 from pollen.codec import Identity, codec_from_config, decode, dense_wire_bytes, encode, layout_of, wire_bytes
 from pollen.config import Config, from_flat
 from pollen.data import Split, load_dataset, partition
@@ -42,6 +42,7 @@ def train(msg: Message, context: Context) -> Message:
         batch_size=int(round_config["batch-size"]),
         lr=float(round_config["lr"]),
         weight_decay=float(round_config.get("weight-decay", 0.0)),
+        adam_eps=float(round_config.get("adam-eps", ADAM_EPS)),
         proximal_mu=float(round_config.get("proximal-mu", 0.0)),
         seed=seed,
     )

@@ -20,9 +20,16 @@ class LocalRun:
     gradient_rms: dict[str, np.ndarray]  # per trainable array: RMS of its gradients (AdamW's 2nd moment)
 
 
+ADAM_EPS = 1e-8  # torch's AdamW default, for callers that do not choose one
+
+
 def train_locally(model: nn.Module, data: Split, *, epochs: int, batch_size: int, lr: float,
-                  weight_decay: float = 0.0, proximal_mu: float = 0.0, seed: int = 0) -> LocalRun:
+                  weight_decay: float = 0.0, adam_eps: float = ADAM_EPS, proximal_mu: float = 0.0,
+                  seed: int = 0) -> LocalRun:
     """AdamW on the trainable parameters for ``epochs`` passes.
+
+    ``adam_eps`` is AdamW's epsilon: gradients much smaller than it take steps in
+    proportion to their size rather than steps of about ``lr``.
 
     With ``proximal_mu`` > 0 the FedProx term mu/2 * ||w - w_global||^2 keeps the
     local model near the global one it started from.
@@ -30,7 +37,7 @@ def train_locally(model: nn.Module, data: Split, *, epochs: int, batch_size: int
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     start = [p.detach().clone() for p in params]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, eps=adam_eps)
     generator = torch.Generator().manual_seed(seed)
     model.eval()  # frozen BatchNorm statistics; only the trainable parts learn
     total, seen = 0.0, 0

@@ -136,6 +136,7 @@ def run_federation(grid: Grid, config: Config, folder: Path,
         "local-epochs": config.train.local_epochs,
         "batch-size": config.train.batch_size,
         "weight-decay": config.train.weight_decay,
+        "adam-eps": config.train.adam_eps,
     })
     runner = strategy
     if resumed:

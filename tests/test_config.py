@@ -24,8 +24,12 @@ def test_codec_settings_reach_the_codec():
     ("downlink.density=0", "downlink.density"),
     ("downlink.bits=1", "downlink.bits"),
     ("downlink.rate=2", "downlink.rate"),
+    ("train.lr=0", "train.lr"),
+    ("train.adam_eps=0", "train.adam_eps"),
+    ("train.batch_size=0", "train.batch_size"),
+    ("train.weight_decay=-1", "train.weight_decay"),
 ])
-def test_bad_codec_and_downlink_settings_are_named(override, named):
+def test_bad_codec_downlink_and_train_settings_are_named(override, named):
     with pytest.raises(ConfigError, match=named):
         load_config(overrides=[override])
 

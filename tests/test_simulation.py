@@ -54,6 +54,22 @@ def test_same_seed_same_run(tiny_run, tmp_path):
     assert [r.uplink_bytes for r in again] == [r.uplink_bytes for r in records]
 
 
+def test_the_train_settings_reach_every_client_training(monkeypatch, tmp_path):
+    import client.app
+    seen = []
+    real = client.app.train_locally
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["lr"], kwargs["batch_size"], kwargs["adam_eps"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(client.app, "train_locally", spy)
+    config = load_config(TINY, ["federation.rounds=1", "train.lr=0.02", "train.batch_size=8",
+                                "train.adam_eps=0.05"])
+    simulate(config, tmp_path)
+    assert seen == [(0.02, 8, 0.05)] * config.federation.clients_per_round
+
+
 def train_message(grid, config, codec, server_round=1):
     arrays = ArrayRecord({k: Array(v) for k, v in initial_arrays(config.model, 10, config.seed).items()})
     content = RecordDict({"arrays": arrays, "config": ConfigRecord({
