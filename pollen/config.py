@@ -71,7 +71,7 @@ class TrainConfig:
     # AdamW's epsilon, far above torch's 1e-8 on purpose: a coordinate whose gradients
     # are much smaller than it steps in proportion to them, as with SGD, instead of a
     # full lr step wherever its noise points (README, Results, measures both).
-    adam_eps: float = 1e-3
+    adam_eps: float = 3e-3
 
     def check(self) -> None:
         _at_least("train.local_epochs", self.local_epochs, 1)
