@@ -55,6 +55,7 @@ def compare_command(parser: argparse.ArgumentParser, path: str, output: str | No
     from rich.console import Console
 
     from simulations.compare import load_compare, run_compare
+    from simulations.report import print_whole
 
     try:
         compare = load_compare(path)
@@ -68,7 +69,7 @@ def compare_command(parser: argparse.ArgumentParser, path: str, output: str | No
                   f"{compare.base.federation.rounds} rounds each, target accuracy {compare.target_accuracy}")
     report = run_compare(compare, Path(output) if output else None,
                          on_run=lambda line: console.print(line))
-    console.print(report.table)
+    print_whole(console, report.table)
     console.print(f"report: [bold]{report.folder}[/] ({', '.join(report.files)})")
     return 0
 
@@ -82,7 +83,7 @@ def simulate_command(config, output: str | None, verbose: bool) -> int:
 
     from server.app import new_run_folder
     from server.records import RunRecord, read_records
-    from simulations.report import round_line, round_table
+    from simulations.report import print_whole, round_line, round_table
     from simulations.run import PLOT, simulate
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -116,7 +117,7 @@ def simulate_command(config, output: str | None, verbose: bool) -> int:
     if not records:
         console.print("stopped before the first evaluation; nothing was written")
         return 130
-    console.print(round_table(records, title="Per-round results"))
+    print_whole(console, round_table(records, title="Per-round results"))
     final = records[-1]
     up = sum(r.uplink_bytes for r in records)
     dense = sum(r.dense_uplink_bytes for r in records)

@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
+from rich.console import Console, RenderableType  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from server.records import RoundRecord  # noqa: E402
@@ -31,6 +32,21 @@ def time_to_accuracy(records: list[RoundRecord], target: float) -> float | None:
         if entry.accuracy >= target:
             return entry.simulated_seconds
     return None
+
+
+def print_whole(console: Console, renderable: RenderableType) -> None:
+    """Print a table uncut. Written to a file or a pipe, rich assumes 80 columns and would
+    shorten every number to "0.9…"; a terminal keeps its own width."""
+    if console.is_terminal:
+        console.print(renderable)
+        return
+    needed = console.measure(renderable, options=console.options.update_width(10_000)).maximum
+    guessed = console.width
+    console.width = max(guessed, needed)
+    try:
+        console.print(renderable)
+    finally:
+        console.width = guessed
 
 
 COLUMNS = ("round", "acc", "loss", "F1", "train", "clients", "up KB", "down KB", "ratio", "s", "sim s")

@@ -10,7 +10,7 @@ import pytest
 
 from pollen.cli import main
 from server.records import RoundRecord, read_records
-from simulations.report import plot_run, round_line, time_to_accuracy
+from simulations.report import plot_run, print_whole, round_line, round_table, time_to_accuracy
 
 TINY = "simulations/configs/tiny.yaml"
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,6 +30,19 @@ def test_time_to_accuracy_reads_the_simulated_clock():
     assert time_to_accuracy(records, 0.9) is None
     assert time_to_accuracy([record(0, 0.9, None)], 0.5) is None  # no device model, no clock
     assert round_line(records[2]).endswith("sim s 95")
+
+
+def test_the_round_table_is_printed_uncut_into_a_file():
+    import io
+
+    from rich.console import Console
+
+    table = round_table([record(0, 0.1234, None), record(1, 0.9700, 12.5)])
+    cut, whole = io.StringIO(), io.StringIO()
+    Console(file=cut).print(table)  # what rich does alone at its 80-column guess
+    print_whole(Console(file=whole), table)
+    assert "0.9700" not in cut.getvalue()
+    assert "0.9700" in whole.getvalue() and "0.1234" in whole.getvalue() and "…" not in whole.getvalue()
 
 
 def test_the_plot_gains_a_simulated_time_panel(tmp_path):
