@@ -85,9 +85,9 @@ class TopK:
     stochastic rounding, seeded by the ``seed`` given to ``encode``. ``select``:
     which entries count as largest, ``magnitude`` |u| or ``salience`` |u| times the
     RMS of the entry's training gradients, a first-order estimate of how much of the
-    local loss decrease each change carries (AdamW's steps are nearly equal in size,
-    so their magnitude alone says little). It is the sender's choice: the payload
-    and the decoder are the same either way.
+    local loss decrease each change carries (with a small AdamW epsilon the steps are
+    nearly equal in size, so their magnitude alone says little). It is the sender's
+    choice: the payload and the decoder are the same either way.
     """
 
     density: float = 0.01
