@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from client.app import local_data
-from client.training import train_locally
+from pollen.client.app import local_data
+from pollen.client.training import train_locally
 from pollen.codec import Identity, TopK, decode, encode, layout_of, wire_bytes
 from pollen.config import load_config
 from pollen.models import initial_arrays, load_model
@@ -121,7 +121,7 @@ def epoch_vs_codec(config) -> dict:
 
 
 def federation(config_overrides: list[str], target: float, runs: list[str]) -> dict:
-    from simulations.run import simulate
+    from pollen.simulations.run import simulate
 
     results = {}
     for label, (up, down) in RUNS.items():

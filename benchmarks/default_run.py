@@ -28,12 +28,12 @@ from pathlib import Path
 
 import torch
 
-from client.training import train_locally
+from pollen.client.training import train_locally
 from pollen.config import load_config
 from pollen.data import load_dataset
 from pollen.metrics import evaluate
 from pollen.models import build_model, resident_bytes
-from simulations.run import simulate
+from pollen.simulations.run import simulate
 
 
 def federated(config, label: str) -> dict:

@@ -19,9 +19,9 @@ import numpy as np
 
 from pollen.certs import make_certificates
 from pollen.config import load_config
-from server.deploy import Deployment, Process, flower_env
-from server.records import RunRecord, read_records
-from simulations.run import run_in_process
+from pollen.server.deploy import Deployment, Process, flower_env
+from pollen.server.records import RunRecord, read_records
+from pollen.simulations.run import run_in_process
 
 TINY = Path(__file__).resolve().parents[1] / "simulations" / "configs" / "tiny.yaml"
 

@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from client.app import local_data  # noqa: E402
-from client.training import train_locally  # noqa: E402
+from pollen.client.app import local_data  # noqa: E402
+from pollen.client.training import train_locally  # noqa: E402
 from pollen.config import Config, load_config  # noqa: E402
 from pollen.data import load_dataset  # noqa: E402
 from pollen.metrics import evaluate  # noqa: E402
@@ -77,8 +77,8 @@ def main() -> None:
         "downlink.name=identity", "federation.strategy=fedavg",
         "federation.server_momentum=0", "federation.server_decay=0",  # the plain loop's FedAvg, as is
     ])
-    from simulations.ray_backend import run_on_ray
-    from simulations.run import run_in_process
+    from pollen.simulations.ray_backend import run_on_ray
+    from pollen.simulations.run import run_in_process
 
     # Warm the model, data and partition caches that every contender in this process shares.
     load_model(config.model, 10, config.seed)

@@ -30,12 +30,12 @@ def measure(population: int, per_round: int, rounds: int) -> dict:
 
     import torch
 
-    from client.app import app as client_app
+    from pollen.client.app import app as client_app
     from pollen.config import load_config, to_flat
     from pollen.models import initial_arrays
-    from simulations.client_state import SpilledStates
-    from simulations.federation import simulated_federation
-    from simulations.inprocess import InProcessGrid
+    from pollen.simulations.client_state import SpilledStates
+    from pollen.simulations.federation import simulated_federation
+    from pollen.simulations.inprocess import InProcessGrid
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
     torch.set_num_threads(2)

@@ -24,7 +24,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.supercore.task_identity import TaskIdentity
 
 from pollen.codec import TopK, encode
-from strategies import make_strategy
+from pollen.strategies import make_strategy
 
 
 class Nodes:

@@ -25,8 +25,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from pollen.config import load_config  # noqa: E402
-from simulations.report import time_to_accuracy  # noqa: E402
-from simulations.run import run_in_process  # noqa: E402
+from pollen.simulations.report import time_to_accuracy  # noqa: E402
+from pollen.simulations.run import run_in_process  # noqa: E402
 
 TOPK = ["codec.name=topk", "codec.density=0.01", "codec.bits=8"]
 CODECS = {"dense": ["codec.name=identity"], "topk-1%-8bit": [*TOPK, "codec.select=magnitude"],

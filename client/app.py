@@ -9,10 +9,10 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.error_feedback import ErrorFeedback
-from client.global_copy import GlobalCopy
-from client.local_files import load_local_data
-from client.training import ADAM_EPS, train_locally
+from pollen.client.error_feedback import ErrorFeedback
+from pollen.client.global_copy import GlobalCopy
+from pollen.client.local_files import load_local_data
+from pollen.client.training import ADAM_EPS, train_locally
 from pollen.codec import Identity, codec_from_config, decode, dense_wire_bytes, encode, layout_of, wire_bytes
 from pollen.config import Config, from_flat
 from pollen.data import Split, load_dataset, partition

@@ -42,7 +42,7 @@ def check_server(server: str) -> tuple[str, int]:
 def supernode_command(server: str, data: Path, ca: Path | None, key: Path | None,
                       local_port: int = DEFAULT_LOCAL_PORT) -> list[str]:
     """The ``flower-supernode`` command for this device (``ca`` None: plain HTTP, ``--insecure``)."""
-    from client.app import DATA_PATH
+    from pollen.client.app import DATA_PATH
 
     check_server(server)
     command = ["flower-supernode", "--superlink", server, "--port", str(local_port)]

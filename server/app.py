@@ -20,10 +20,10 @@ from pollen.config import Config, from_flat, to_flat
 from pollen.data import load_dataset
 from pollen.metrics import evaluate
 from pollen.models import initial_arrays, load_model, load_trainable
-from server.checkpoint import ResumedRounds, forget_client_versions, load_checkpoint, restore_rng, save_checkpoint
-from server.records import RoundRecord, RunRecord, read_records
-from strategies import RoundTraffic, ServerMomentum, make_strategy
-from strategies.broadcast import Broadcast
+from pollen.server.checkpoint import ResumedRounds, forget_client_versions, load_checkpoint, restore_rng, save_checkpoint
+from pollen.server.records import RoundRecord, RunRecord, read_records
+from pollen.strategies import RoundTraffic, ServerMomentum, make_strategy
+from pollen.server.broadcast import Broadcast
 
 NUM_CLASSES = 10
 CHECKPOINT = "checkpoint.pt"

@@ -34,7 +34,7 @@ import tomli_w
 
 from pollen.certs import CA_CERT, DEVICES, SERVER_CERT, SERVER_KEY, CertificateError, server_names_of
 from pollen.config import Config, to_flat
-from server.app import RESUME, RUN_FOLDER
+from pollen.server.app import RESUME, RUN_FOLDER
 
 # Keep Flower offline: no telemetry, no update check, no `uv sync` of the app's dependencies.
 OFFLINE = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -132,7 +132,7 @@ def write_app(folder: Path, config: Config) -> Path:
         "build-system": {"requires": ["setuptools>=68"], "build-backend": "setuptools.build_meta"},
         "project": {"name": "pollen-run", "version": "1.0.0", "license": "Apache-2.0", "dependencies": []},
         "tool": {"flwr": {"app": {"publisher": "pollen",
-                                  "components": {"serverapp": "server.app:app", "clientapp": "client.app:app"},
+                                  "components": {"serverapp": "pollen.server.app:app", "clientapp": "pollen.client.app:app"},
                                   "config": run_config}}},
     }
     (app / "pyproject.toml").write_text(tomli_w.dumps(project))

@@ -27,7 +27,7 @@ from torch.nn.utils import parametrize
 from pollen.config import Config, from_flat
 from pollen.data import load_dataset
 from pollen.models import build_model, load_trainable
-from server.checkpoint import CHECKPOINT
+from pollen.server.checkpoint import CHECKPOINT
 
 NUM_CLASSES = 10
 FORMATS = {"onnx": "model.onnx", "torch": "model.pt2"}

@@ -37,9 +37,9 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from pollen.config import Config, ConfigError, from_flat, load_config, to_flat  # noqa: E402
-from server.records import RoundRecord  # noqa: E402
-from simulations.run import simulate  # noqa: E402
-from strategies import check_strategy  # noqa: E402
+from pollen.server.records import RoundRecord  # noqa: E402
+from pollen.simulations.run import simulate  # noqa: E402
+from pollen.strategies import check_strategy  # noqa: E402
 
 MB = 1e6
 KEYS = ("run", "set", "seeds", "target_accuracy", "output_dir", "variants")

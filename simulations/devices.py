@@ -41,7 +41,7 @@ from flwr.serverapp import Grid
 
 from pollen.codec import wire_bytes
 from pollen.config import ConfigError
-from simulations.grid_wrapper import GridWrapper
+from pollen.simulations.grid_wrapper import GridWrapper
 
 BITS_PER_BYTE = 8
 

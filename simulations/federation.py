@@ -13,9 +13,9 @@ from pathlib import Path
 from flwr.serverapp import Grid
 
 from pollen.config import Config
-from server.app import run_federation
-from server.records import RoundRecord
-from simulations.devices import device_grid
+from pollen.server.app import run_federation
+from pollen.server.records import RoundRecord
+from pollen.simulations.devices import device_grid
 
 PARTICIPANTS = "participants.jsonl"  # per round: sampled, dropped and late clients
 

@@ -21,7 +21,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-from simulations.client_state import ClientStates, InMemoryStates
+from pollen.simulations.client_state import ClientStates, InMemoryStates
 
 RUN_ID = 1
 

@@ -20,8 +20,8 @@ from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from pollen.config import from_flat
-from simulations.federation import simulated_federation
-from simulations.grid_wrapper import GridWrapper
+from pollen.simulations.federation import simulated_federation
+from pollen.simulations.grid_wrapper import GridWrapper
 
 POLL_SECONDS = 0.05  # Flower's own send_and_receive waits 3 s between pulls
 

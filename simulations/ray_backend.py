@@ -29,7 +29,7 @@ import psutil
 import tomli_w
 
 from pollen.config import Config, to_flat
-from server.records import RoundRecord, RunRecord, read_records
+from pollen.server.records import RoundRecord, RunRecord, read_records
 
 CONNECTION = "pollen"
 SUPERLINK_LOG = "superlink.log"
@@ -111,7 +111,7 @@ def write_flower_app(app_dir: Path, config: Config, folder: Path) -> Path:
                     "license": "Apache-2.0"},
         "tool": {"flwr": {"app": {
             "publisher": "pollen",
-            "components": {"serverapp": "simulations.ray_app:app", "clientapp": "client.app:app"},
+            "components": {"serverapp": "pollen.simulations.ray_app:app", "clientapp": "pollen.client.app:app"},
             "config": nested,
         }}},
     }

@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from rich.console import Console, RenderableType  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from server.records import RoundRecord  # noqa: E402
+from pollen.server.records import RoundRecord  # noqa: E402
 
 MB = 1e6
 

@@ -11,14 +11,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from client.app import app as client_app
+from pollen.client.app import app as client_app
 from pollen.config import Config, to_flat
-from server.app import new_run_folder
-from server.records import RoundRecord, RunRecord, read_records
-from simulations.client_state import client_states
-from simulations.federation import PARTICIPANTS, simulated_federation
-from simulations.inprocess import InProcessGrid
-from simulations.report import plot_run
+from pollen.server.app import new_run_folder
+from pollen.server.records import RoundRecord, RunRecord, read_records
+from pollen.simulations.client_state import client_states
+from pollen.simulations.federation import PARTICIPANTS, simulated_federation
+from pollen.simulations.inprocess import InProcessGrid
+from pollen.simulations.report import plot_run
 
 PLOT = "accuracy.png"
 __all__ = ["PARTICIPANTS", "PLOT", "simulate", "simulated_federation"]
@@ -33,7 +33,7 @@ def simulate(config: Config, folder: Path | None = None,
     folder = folder or new_run_folder(config)
     try:
         if config.simulation.backend == "ray":
-            from simulations.ray_backend import run_on_ray
+            from pollen.simulations.ray_backend import run_on_ray
 
             records = run_on_ray(config, folder, on_round)
         else:

@@ -27,13 +27,13 @@ from flwr.serverapp.strategy import (
 
 from pollen.codec import Codec
 from pollen.config import Config, ConfigError
-from strategies.broadcast import Broadcast
-from strategies.compressed import CompressedUpdates, RoundTraffic
-from strategies.fednova import FedNova
-from strategies.server_momentum import ServerMomentum
-from strategies.sparse_fedavg import SparseFedAvg
-from strategies.sparse_median import SparseMedian
-from strategies.sparse_trimmed_mean import SparseTrimmedMean
+from pollen.server.broadcast import Broadcast
+from pollen.server.uplink import CompressedUpdates, RoundTraffic
+from pollen.strategies.fednova import FedNova
+from pollen.server.momentum import ServerMomentum
+from pollen.strategies.sparse_fedavg import SparseFedAvg
+from pollen.strategies.sparse_median import SparseMedian
+from pollen.strategies.sparse_trimmed_mean import SparseTrimmedMean
 
 ENTRY_POINT_GROUP = "pollen.strategies"
 

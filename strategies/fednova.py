@@ -26,7 +26,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import AggregationError
 
-from strategies.step_aggregation import StepAggregation, flatten
+from pollen.strategies.step_aggregation import StepAggregation, flatten
 
 
 class FedNova(StepAggregation):

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import Array, ArrayRecord, RecordDict
 
-from strategies.step_aggregation import StepAggregation
+from pollen.strategies.step_aggregation import StepAggregation
 
 
 def sparse_delta_record(indices: np.ndarray, values: np.ndarray) -> ArrayRecord:

@@ -20,7 +20,7 @@ from logging import INFO
 import numpy as np
 from flwr.common.logger import log
 
-from strategies.sparse_deltas import SparseDeltaAggregation
+from pollen.strategies.sparse_deltas import SparseDeltaAggregation
 
 
 class SparseFedAvg(SparseDeltaAggregation):

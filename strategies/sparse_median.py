@@ -16,7 +16,7 @@ from logging import INFO
 import numpy as np
 from flwr.common.logger import log
 
-from strategies.sparse_deltas import SparseDeltaAggregation, grouped_by_coordinate
+from pollen.strategies.sparse_deltas import SparseDeltaAggregation, grouped_by_coordinate
 
 
 class SparseMedian(SparseDeltaAggregation):

@@ -9,13 +9,13 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord
 
-from client.app import app as client_app
+from pollen.client.app import app as client_app
 from pollen.config import load_config, to_flat
-from server.app import CHECKPOINT, run_federation
-from server.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from server.records import read_records
-from simulations.inprocess import InProcessGrid
-from strategies import make_strategy
+from pollen.server.app import CHECKPOINT, run_federation
+from pollen.server.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from pollen.server.records import read_records
+from pollen.simulations.inprocess import InProcessGrid
+from pollen.strategies import make_strategy
 
 TINY = Path(__file__).resolve().parents[1] / "simulations" / "configs" / "tiny.yaml"
 

@@ -6,7 +6,7 @@ from flwr.app import Array, ArrayRecord, RecordDict
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from client.error_feedback import ErrorFeedback
+from pollen.client.error_feedback import ErrorFeedback
 from pollen.codec import (
     CodecError,
     Identity,

@@ -8,8 +8,8 @@ import torch
 
 from pollen.cli import main
 from pollen.config import ConfigError, load_config
-from server.records import RoundRecord
-from simulations.compare import FILES, RunResult, load_compare, summarize
+from pollen.server.records import RoundRecord
+from pollen.simulations.compare import FILES, RunResult, load_compare, summarize
 
 TINY = Path("simulations/configs/tiny.yaml").resolve()
 

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.device import DeviceError, device_number, supernode_command
+from pollen.client.device import DeviceError, device_number, supernode_command
 from pollen.certs import make_certificates
 from pollen.config import load_config
-from server.deploy import Deployment, DeploymentError, Process, flower_env, superlink_command, write_app
-from server.records import read_records
+from pollen.server.deploy import Deployment, DeploymentError, Process, flower_env, superlink_command, write_app
+from pollen.server.records import read_records
 
 TINY = Path(__file__).resolve().parents[1] / "simulations" / "configs" / "tiny.yaml"
 WAIT = 600  # seconds: a bound on every wait, generous for a loaded 2-core machine
@@ -103,8 +103,8 @@ def test_the_app_carries_the_whole_run_config(tmp_path):
     config = load_config(TINY, ["federation.rounds=7", "strategy.eta=0.1", "federation.strategy=fedadam"])
     app = write_app(tmp_path, config)
     project = tomllib.loads((app / "pyproject.toml").read_text())
-    assert project["tool"]["flwr"]["app"]["components"] == {"serverapp": "server.app:app",
-                                                            "clientapp": "client.app:app"}
+    assert project["tool"]["flwr"]["app"]["components"] == {"serverapp": "pollen.server.app:app",
+                                                            "clientapp": "pollen.client.app:app"}
     from flwr.common.config import flatten_dict
 
     run_config = flatten_dict(project["tool"]["flwr"]["app"]["config"])

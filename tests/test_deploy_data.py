@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from client.app import DATA_PATH, local_data
-from client.local_files import LocalDataError, load_local_data
+from pollen.client.app import DATA_PATH, local_data
+from pollen.client.local_files import LocalDataError, load_local_data
 from pollen.config import Config, ModelConfig
 from pollen.data import IMAGENET_MEAN, IMAGENET_STD
 

@@ -8,9 +8,9 @@ from flwr.common.constant import ErrorCode
 
 from pollen.codec import wire_bytes
 from pollen.config import ConfigError, load_config
-from simulations.devices import DeviceGrid, DevicePopulation, device_grid, load_profiles
-from simulations.inprocess import InProcessGrid
-from simulations.run import PARTICIPANTS, simulate
+from pollen.simulations.devices import DeviceGrid, DevicePopulation, device_grid, load_profiles
+from pollen.simulations.inprocess import InProcessGrid
+from pollen.simulations.run import PARTICIPANTS, simulate
 
 TINY = "simulations/configs/tiny.yaml"
 EXAMPLES = 50  # every stub client trains on this many examples

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-from client.global_copy import GlobalCopy
+from pollen.client.global_copy import GlobalCopy
 from pollen.codec import Identity, TopK, encode, wire_bytes
 from pollen.downlink import FULL, DownlinkError, arrays_crc, chain_message, full_message, rebuild
-from strategies import make_strategy
-from strategies.broadcast import Broadcast
+from pollen.strategies import make_strategy
+from pollen.server.broadcast import Broadcast
 
 rng = np.random.default_rng(3)
 INITIAL = {"w": rng.normal(size=(40, 50)).astype(np.float32), "b": rng.normal(size=(50,)).astype(np.float32)}

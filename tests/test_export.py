@@ -13,8 +13,8 @@ import yaml
 from pollen.config import load_config, to_flat
 from pollen.data import load_dataset
 from pollen.models import build_model, initial_arrays
-from server.checkpoint import CHECKPOINT
-from server.export import ExportError, export_run, merged_model, run_model
+from pollen.server.checkpoint import CHECKPOINT
+from pollen.server.export import ExportError, export_run, merged_model, run_model
 
 TINY = Path(__file__).resolve().parents[1] / "simulations" / "configs" / "tiny.yaml"
 

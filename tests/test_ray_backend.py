@@ -8,9 +8,9 @@ import time
 import pytest
 
 from pollen.config import load_config
-from simulations.federation import PARTICIPANTS
-from simulations.ray_backend import ProcessTree, federation_config, run_on_ray, write_flower_app
-from simulations.run import simulate
+from pollen.simulations.federation import PARTICIPANTS
+from pollen.simulations.ray_backend import ProcessTree, federation_config, run_on_ray, write_flower_app
+from pollen.simulations.run import simulate
 
 TINY = "simulations/configs/tiny.yaml"
 SMALL = ["federation.rounds=2", "federation.num_clients=6", "federation.clients_per_round=3",

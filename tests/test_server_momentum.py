@@ -7,7 +7,7 @@ from strategy_replies import record_of, run_round, sampling
 
 from pollen.codec import Identity, TopK
 from pollen.config import ConfigError, load_config
-from strategies import CompressedUpdates, ServerMomentum, make_strategy
+from pollen.strategies import CompressedUpdates, ServerMomentum, make_strategy
 
 rng = np.random.default_rng(3)
 START = {"w": rng.normal(size=(6, 5)).astype(np.float32), "b": rng.normal(size=5).astype(np.float32)}

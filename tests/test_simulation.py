@@ -6,16 +6,16 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.constant import ErrorCode
 
-from client.app import app as client_app
-from client.error_feedback import ErrorFeedback
+from pollen.client.app import app as client_app
+from pollen.client.error_feedback import ErrorFeedback
 from pollen.codec import TopK, codec_to_config, decode, layout_of
 from pollen.config import load_config, to_flat
 from pollen.data import partition
 from pollen.models import initial_arrays
-from server.records import read_records
-from simulations.client_state import SpilledStates, client_states
-from simulations.inprocess import InProcessGrid
-from simulations.run import PLOT, simulate, simulated_federation
+from pollen.server.records import read_records
+from pollen.simulations.client_state import SpilledStates, client_states
+from pollen.simulations.inprocess import InProcessGrid
+from pollen.simulations.run import PLOT, simulate, simulated_federation
 
 TINY = "simulations/configs/tiny.yaml"
 
@@ -55,15 +55,15 @@ def test_same_seed_same_run(tiny_run, tmp_path):
 
 
 def test_the_train_settings_reach_every_client_training(monkeypatch, tmp_path):
-    import client.app
+    import pollen.client.app
     seen = []
-    real = client.app.train_locally
+    real = pollen.client.app.train_locally
 
     def spy(*args, **kwargs):
         seen.append((kwargs["lr"], kwargs["batch_size"], kwargs["adam_eps"]))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(client.app, "train_locally", spy)
+    monkeypatch.setattr(pollen.client.app, "train_locally", spy)
     config = load_config(TINY, ["federation.rounds=1", "train.lr=0.02", "train.batch_size=8",
                                 "train.adam_eps=0.05"])
     simulate(config, tmp_path)

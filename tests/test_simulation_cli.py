@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from pollen.cli import main
-from server.records import RoundRecord, read_records
-from simulations.report import plot_run, print_whole, round_line, round_table, time_to_accuracy
+from pollen.server.records import RoundRecord, read_records
+from pollen.simulations.report import plot_run, print_whole, round_line, round_table, time_to_accuracy
 
 TINY = "simulations/configs/tiny.yaml"
 ROOT = Path(__file__).resolve().parent.parent

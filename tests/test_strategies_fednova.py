@@ -5,7 +5,7 @@ import pytest
 from flwr.serverapp.exception import AggregationError
 
 from pollen.codec import Identity
-from strategies import make_strategy
+from pollen.strategies import make_strategy
 from strategy_replies import configure, run_round, sampling
 
 BATCH, LR = 16, 0.01

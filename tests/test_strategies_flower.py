@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from pollen.codec import Identity
-from strategies import STRATEGIES, make_strategy
+from pollen.strategies import STRATEGIES, make_strategy
 from strategy_replies import run_round, sampling
 
 FLOWER = ["fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian",
@@ -71,7 +71,7 @@ def test_clients_add_the_proximal_term_fedprox_asks_for():
     import torch
     from torch import nn
 
-    from client.training import train_locally
+    from pollen.client.training import train_locally
     from pollen.data import Split
 
     generator = torch.Generator().manual_seed(0)

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from flwr.serverapp.strategy import FedAdam, FedAvg
 
-import strategies
+import pollen.strategies
 from pollen.cli import main
 from pollen.codec import Identity, TopK
 from pollen.config import ConfigError, load_config
-from strategies import (CompressedUpdates, StrategyError, check_params, check_strategy, make_strategy,
+from pollen.strategies import (CompressedUpdates, StrategyError, check_params, check_strategy, make_strategy,
                         resolve_strategy, strategy_parameters)
 
 TINY = "simulations/configs/tiny.yaml"
@@ -83,9 +83,9 @@ def test_a_strategy_loads_by_dotted_path(plugin_module):
 
 
 def test_a_strategy_loads_from_an_entry_point(plugin_module, monkeypatch):
-    entry = EntryPoint("half-step", "my_strategies:HalfStep", strategies.ENTRY_POINT_GROUP)
-    monkeypatch.setattr(strategies, "entry_points",
-                        lambda group: [entry] if group == strategies.ENTRY_POINT_GROUP else [])
+    entry = EntryPoint("half-step", "my_strategies:HalfStep", pollen.strategies.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(pollen.strategies, "entry_points",
+                        lambda group: [entry] if group == pollen.strategies.ENTRY_POINT_GROUP else [])
     assert resolve_strategy("half-step").__name__ == "HalfStep"
     with pytest.raises(StrategyError, match="known: .*half-step"):
         resolve_strategy("half-stepp")

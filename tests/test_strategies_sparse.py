@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from pollen.codec import Identity, TopK
-from strategies import STRATEGIES, SparseFedAvg, make_strategy
-from strategies.sparse_deltas import grouped_by_coordinate
+from pollen.strategies import STRATEGIES, SparseFedAvg, make_strategy
+from pollen.strategies.sparse_deltas import grouped_by_coordinate
 from strategy_replies import run_round, sampling
 
 rng = np.random.default_rng(2)

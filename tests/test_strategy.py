@@ -6,7 +6,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 from flwr.serverapp.strategy import FedAvg
 
 from pollen.codec import Identity, TopK, encode, wire_bytes
-from strategies import STRATEGIES, CompressedUpdates, make_strategy
+from pollen.strategies import STRATEGIES, CompressedUpdates, make_strategy
 
 rng = np.random.default_rng(0)
 GLOBAL = {"w": rng.normal(size=(20, 30)).astype(np.float32), "b": rng.normal(size=(30,)).astype(np.float32)}

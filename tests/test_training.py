@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from client.training import train_locally
+from pollen.client.training import train_locally
 from pollen.data import Split
 
 

@@ -83,9 +83,9 @@ def certs_command(args: argparse.Namespace) -> int:
 def server_command(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from server.app import new_run_folder
-    from server.deploy import DEFAULT_PORT, Deployment, DeploymentError
-    from server.records import RunRecord, read_records
+    from pollen.server.app import new_run_folder
+    from pollen.server.deploy import DEFAULT_PORT, Deployment, DeploymentError
+    from pollen.server.records import RunRecord, read_records
 
     console = Console()
     if args.resume:
@@ -153,9 +153,9 @@ def _override(text: str):
 
 
 def client_command(args: argparse.Namespace) -> int:
-    from client.device import DEFAULT_LOCAL_PORT, DeviceError, supernode_command
-    from client.local_files import load_local_data
-    from server.deploy import flower_env
+    from pollen.client.device import DEFAULT_LOCAL_PORT, DeviceError, supernode_command
+    from pollen.client.local_files import load_local_data
+    from pollen.server.deploy import flower_env
 
     if args.insecure:
         print("WARNING: --insecure: this device's updates travel unencrypted", file=sys.stderr)
@@ -171,7 +171,7 @@ def client_command(args: argparse.Namespace) -> int:
 
 
 def export_command(args: argparse.Namespace) -> int:
-    from server.export import export_run
+    from pollen.server.export import export_run
 
     result = export_run(Path(args.run), args.format, Path(args.output) if args.output else None)
     print(f"wrote {result.path} ({result.bytes / 1e6:.2f} MB, {result.format}); outputs match the "

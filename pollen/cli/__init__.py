@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from pollen import deploy_cli
+from pollen.cli import deploy as deploy_cli
 from pollen.config import ConfigError, load_config
 
 
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def check_strategy(config) -> None:
     """Reject a bad strategy name or parameter before any model loads."""
-    from strategies import check_strategy as check
+    from pollen.strategies import check_strategy as check
 
     check(config)
 
@@ -54,8 +54,8 @@ def compare_command(parser: argparse.ArgumentParser, path: str, output: str | No
     import torch
     from rich.console import Console
 
-    from simulations.compare import load_compare, run_compare
-    from simulations.report import print_whole
+    from pollen.simulations.compare import load_compare, run_compare
+    from pollen.simulations.report import print_whole
 
     try:
         compare = load_compare(path)
@@ -81,10 +81,10 @@ def simulate_command(config, output: str | None, verbose: bool) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from server.app import new_run_folder
-    from server.records import RunRecord, read_records
-    from simulations.report import print_whole, round_line, round_table
-    from simulations.run import PLOT, simulate
+    from pollen.server.app import new_run_folder
+    from pollen.server.records import RunRecord, read_records
+    from pollen.simulations.report import print_whole, round_line, round_table
+    from pollen.simulations.run import PLOT, simulate
 
     torch.set_num_threads(os.cpu_count() or 1)
     if not verbose:

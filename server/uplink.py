@@ -29,9 +29,9 @@ from flwr.serverapp.strategy import Strategy
 
 from pollen.codec import (Codec, CodecError, codec_to_config, decode, decode_sparse, dense_wire_bytes, layout_of,
                           wire_bytes)
-from strategies.broadcast import Broadcast
-from strategies.server_momentum import ServerMomentum
-from strategies.sparse_deltas import sparse_delta_record
+from pollen.server.broadcast import Broadcast
+from pollen.server.momentum import ServerMomentum
+from pollen.strategies.sparse_deltas import sparse_delta_record
 
 # What a train reply's MetricRecord must carry; only these reach the inner strategy.
 TRAIN_METRICS = ("num-examples", "train-loss", "train-seconds")
