@@ -104,13 +104,13 @@ def wire(update: dict[str, np.ndarray], label: str) -> list[dict]:
 
 def epoch_vs_codec(config) -> dict:
     """One local epoch of the default task on a client of average size vs its codec time."""
-    model = load_model(config.model, 10, config.seed)
+    model = load_model(config.model, config.num_classes, config.seed)
     sizes = [len(local_data(config, {"partition-id": i})) for i in range(config.federation.num_clients)]
     typical = int(np.argsort(sizes)[len(sizes) // 2])
     data = local_data(config, {"partition-id": typical})
-    start = initial_arrays(config.model, 10, config.seed)
-    epoch_s, _ = timed(lambda: train_locally(model, data, epochs=1, batch_size=config.train.batch_size,
-                                             lr=config.train.lr), repeat=2)
+    start = initial_arrays(config.model, config.num_classes, config.seed)
+    one_epoch = dataclasses.replace(config.train, local_epochs=1)
+    epoch_s, _ = timed(lambda: train_locally(model, data, one_epoch), repeat=2)
     update = {k: (p.detach().numpy() - start[k]).astype(np.float32)
               for k, p in model.named_parameters() if p.requires_grad}
     codec = TopK(density=config.codec.density, bits=config.codec.bits)
@@ -121,6 +121,7 @@ def epoch_vs_codec(config) -> dict:
 
 
 def federation(config_overrides: list[str], target: float, runs: list[str]) -> dict:
+    from pollen.run_folder import RunFolder
     from pollen.simulations.run import simulate
 
     results = {}
@@ -130,7 +131,7 @@ def federation(config_overrides: list[str], target: float, runs: list[str]) -> d
         config = load_config(None, config_overrides + up + down)
         with tempfile.TemporaryDirectory() as folder:
             started = time.perf_counter()
-            _, records = simulate(config, Path(folder))
+            _, records = simulate(config, RunFolder(folder))
         results[label] = {"records": records, "wall_seconds": round(time.perf_counter() - started, 1)}
     goal = target * results["dense both ways"]["records"][-1].accuracy
     dense_final = results["dense both ways"]["records"][-1].accuracy
@@ -174,7 +175,7 @@ def main() -> None:
     logging.getLogger("flwr").setLevel(logging.ERROR)
     config = load_config(None, args.overrides)
     rng = np.random.default_rng(0)
-    default_layout = layout_of(initial_arrays(config.model, 10, config.seed))
+    default_layout = layout_of(initial_arrays(config.model, config.num_classes, config.seed))
     result = {
         "wire": wire({k: rng.normal(size=s).astype(np.float32) for k, s in default_layout.items()},
                      f"{config.model.name} {config.model.trainable} layout")

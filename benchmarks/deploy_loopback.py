@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import sys
 import tempfile
 import time
@@ -19,17 +18,12 @@ import numpy as np
 
 from pollen.certs import make_certificates
 from pollen.config import load_config
-from pollen.server.deploy import Deployment, Process, flower_env
-from pollen.server.records import RunRecord, read_records
+from pollen.flower_processes import ProcessTree, free_port, offline_env
+from pollen.run_folder import RunFolder
+from pollen.server.deploy import Deployment
 from pollen.simulations.run import run_in_process
 
 TINY = Path(__file__).resolve().parents[1] / "simulations" / "configs" / "tiny.yaml"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def per_round(records) -> dict:
@@ -53,11 +47,11 @@ def main() -> None:
         port, clients = free_port(), []
         started = time.monotonic()
         first_round = [None]
-        deployment = Deployment(config, tmp / "run", certs.folder, host="127.0.0.1", port=port)
+        run = RunFolder(tmp / "run")
+        deployment = Deployment(config, run.path, certs.folder, host="127.0.0.1", port=port)
 
         def watch() -> None:
-            path = deployment.folder / RunRecord.FILENAME
-            if first_round[0] is None and path.exists() and any(r.round == 1 for r in read_records(deployment.folder)):
+            if first_round[0] is None and any(r.round == 1 for r in run.records()):
                 first_round[0] = time.monotonic() - started
 
         try:
@@ -69,16 +63,15 @@ def main() -> None:
                 command = [sys.executable, "-m", "pollen.cli", "client", "--server", f"127.0.0.1:{port}",
                            "--ca", str(certs.ca_cert), "--key", str(certs.device_keys[i]), "--data", str(data),
                            "--local-port", str(free_port())]
-                clients.append(Process.start(f"device-{i}", command, tmp / f"device-{i}.log",
-                                             flower_env(tmp / f"home-{i}")))
+                clients.append(ProcessTree.start(command, tmp / f"device-{i}.log", offline_env(tmp / f"home-{i}")))
             status = deployment.wait(timeout=1200, on_poll=watch, poll=0.5)
             total = time.monotonic() - started
         finally:
             for client in clients:
                 client.stop()
             deployment.stop()
-        deployed = read_records(deployment.folder)
-        simulated = run_in_process(config, tmp / "sim")
+        deployed = run.records()
+        simulated = run_in_process(config, RunFolder(tmp / "sim"))
     traffic = status["network-traffic"]
     print(json.dumps({
         "rounds": args.rounds,

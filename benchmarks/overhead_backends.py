@@ -39,9 +39,9 @@ def plain_loop(config: Config) -> float:
     """The federation's local training and FedAvg, with nothing around them."""
     started = time.perf_counter()
     fed, train = config.federation, config.train
-    model = load_model(config.model, 10, config.seed)
+    model = load_model(config.model, config.num_classes, config.seed)
     _, test = load_dataset(config.data.dataset, config.model.image_size, config.data.test_size, config.seed)
-    global_arrays = initial_arrays(config.model, 10, config.seed)
+    global_arrays = initial_arrays(config.model, config.num_classes, config.seed)
     load_trainable(model, global_arrays)
     evaluate(model, test)
     for server_round in range(1, fed.rounds + 1):
@@ -49,9 +49,7 @@ def plain_loop(config: Config) -> float:
         for partition_id in range(fed.num_clients):  # every client, every round (as configured)
             data = local_data(config, {"partition-id": partition_id, "num-partitions": fed.num_clients})
             load_trainable(model, global_arrays)
-            train_locally(model, data, epochs=train.local_epochs, batch_size=train.batch_size, lr=train.lr,
-                          weight_decay=train.weight_decay, adam_eps=train.adam_eps,
-                          seed=config.seed * 1_000_003 + server_round * 10_007 + partition_id)
+            train_locally(model, data, train, seed=config.seed * 1_000_003 + server_round * 10_007 + partition_id)
             for name, value in trainable_arrays(model).items():
                 total[name] += len(data) * value
             weight += len(data)
@@ -77,11 +75,12 @@ def main() -> None:
         "downlink.name=identity", "federation.strategy=fedavg",
         "federation.server_momentum=0", "federation.server_decay=0",  # the plain loop's FedAvg, as is
     ])
+    from pollen.run_folder import RunFolder
     from pollen.simulations.ray_backend import run_on_ray
     from pollen.simulations.run import run_in_process
 
     # Warm the model, data and partition caches that every contender in this process shares.
-    load_model(config.model, 10, config.seed)
+    load_model(config.model, config.num_classes, config.seed)
     load_dataset(config.data.dataset, config.model.image_size, config.data.test_size, config.seed)
     local_data(config, {"partition-id": 0, "num-partitions": args.clients})
     result: dict = {"clients": args.clients, "clients_per_round": args.clients, "rounds": args.rounds,
@@ -89,12 +88,12 @@ def main() -> None:
     result["plain_loop_seconds"] = round(plain_loop(config), 2)
     with tempfile.TemporaryDirectory() as folder:
         started = time.perf_counter()
-        records = run_in_process(config, Path(folder) / "inprocess")
+        records = run_in_process(config, RunFolder(Path(folder) / "inprocess"))
         result["inprocess_seconds"] = round(time.perf_counter() - started, 2)
         result["inprocess_final_accuracy"] = round(records[-1].accuracy, 4)
         if not args.no_ray:
             started = time.perf_counter()
-            records = run_on_ray(config, Path(folder) / "ray", timeout=3600)
+            records = run_on_ray(config, RunFolder(Path(folder) / "ray"), timeout=3600)
             result["ray_seconds"] = round(time.perf_counter() - started, 2)
             # Without the SuperLink, Ray and actor start-up: from the first evaluation to the last.
             result["ray_rounds_seconds"] = round(records[-1].wall_seconds - records[0].wall_seconds, 2)

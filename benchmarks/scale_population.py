@@ -31,8 +31,9 @@ def measure(population: int, per_round: int, rounds: int) -> dict:
     import torch
 
     from pollen.client.app import app as client_app
-    from pollen.config import load_config, to_flat
+    from pollen.config import load_config, run_config_of
     from pollen.models import initial_arrays
+    from pollen.run_folder import RunFolder
     from pollen.simulations.client_state import SpilledStates
     from pollen.simulations.federation import simulated_federation
     from pollen.simulations.inprocess import InProcessGrid
@@ -47,14 +48,14 @@ def measure(population: int, per_round: int, rounds: int) -> dict:
     ])
     states = SpilledStates()
     started = time.perf_counter()
-    grid = InProcessGrid(client_app, population, to_flat(config), states)
+    grid = InProcessGrid(client_app, population, run_config_of(config), states)
     setup = time.perf_counter() - started
     with tempfile.TemporaryDirectory() as folder:
-        records = simulated_federation(grid, config, Path(folder))
+        records = simulated_federation(grid, config, RunFolder(folder))
         on_disk = states.bytes_on_disk()
         with_state = sum(1 for _ in states.folder.iterdir())
     grid.close()
-    trainable = sum(a.size for a in initial_arrays(config.model, 10, config.seed).values())
+    trainable = sum(a.size for a in initial_arrays(config.model, config.num_classes, config.seed).values())
     per_round = [r.round_seconds for r in records[1:]]
     return {
         "population": population,

@@ -2,10 +2,10 @@
 
     python benchmarks/strategies_sparse.py [--params 500000] [--clients 50] [--density 0.01]
 
-One round of replies (random deltas, top-k encoded) goes through CompressedUpdates
-twice per pair: around Flower's FedAvg (every update decoded into a dense local
-model) and around SparseFedAvg (scatter-add of indices and values); then around
-Flower's FedMedian and SparseMedian. Prints one JSON object with peak traced memory
+One round of replies (random deltas, top-k encoded) goes through the server's uplink
+acceptance and a strategy, twice per pair: into Flower's FedAvg (every update decoded
+into a dense local model) and into SparseFedAvg (scatter-add of indices and values);
+then into Flower's FedMedian and SparseMedian. Prints one JSON object with peak traced memory
 and wall time of each aggregation, their ratios, and how many coordinates each
 median moved (a plain median of top-k updates moves almost none).
 """
@@ -21,10 +21,11 @@ import tracemalloc
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from pollen.codec import TopK, encode
-from pollen.strategies import make_strategy
+from pollen.flower_internals import TaskIdentity
+from pollen.server.uplink import RoundTraffic, accept_replies
+from pollen.strategies import STRATEGIES, takes_sparse_deltas
 
 
 class Nodes:
@@ -36,10 +37,10 @@ class Nodes:
 
 
 def aggregate(name: str, global_arrays: ArrayRecord, payloads: list[ArrayRecord], codec: TopK) -> dict:
-    """Aggregate one round through CompressedUpdates; measure peak memory and time."""
+    """Accept and aggregate one round as the server does; measure peak memory and time."""
     count = len(payloads)
-    strategy = make_strategy(name, codec, fraction_train=1.0, min_train_nodes=count,
-                             min_available_nodes=count, fraction_evaluate=0.0)
+    strategy = STRATEGIES[name](fraction_train=1.0, min_train_nodes=count, min_available_nodes=count,
+                                fraction_evaluate=0.0)
     random.seed(0)
     messages = strategy.configure_train(1, global_arrays, ConfigRecord({}), Nodes(count))
     replies = [Message(RecordDict({"arrays": payload, "metrics": MetricRecord(
@@ -47,7 +48,9 @@ def aggregate(name: str, global_arrays: ArrayRecord, payloads: list[ArrayRecord]
         for i, (message, payload) in enumerate(zip(messages, payloads))]
     tracemalloc.start()
     started = time.perf_counter()
-    new, _ = strategy.aggregate_train(1, replies)
+    accepted = accept_replies(replies, global_arrays, codec, sparse=takes_sparse_deltas(strategy),
+                              traffic=RoundTraffic(), server_round=1)
+    new, _ = strategy.aggregate_train(1, accepted)
     seconds = time.perf_counter() - started
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()

@@ -12,47 +12,38 @@ from flwr.clientapp import ClientApp
 from pollen.client.error_feedback import ErrorFeedback
 from pollen.client.global_copy import GlobalCopy
 from pollen.client.local_files import load_local_data
-from pollen.client.training import ADAM_EPS, train_locally
-from pollen.codec import Identity, codec_from_config, decode, dense_wire_bytes, encode, layout_of, wire_bytes
-from pollen.config import Config, from_flat
+from pollen.client.training import train_locally
+from pollen.codec import Identity, decode, dense_wire_bytes, encode, layout_of, wire_bytes
+from pollen.config import Config, config_from_run_config
 from pollen.data import Split, load_dataset, partition
 from pollen.metrics import evaluate
 from pollen.models import initial_arrays, load_model, load_trainable, trainable_arrays
 
-NUM_CLASSES = 10
 DATA_PATH = "data-path"  # node_config key set by `pollen client --data PATH`
 app = ClientApp()
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    config = from_flat(context.run_config)
-    model = load_model(config.model, NUM_CLASSES, config.seed)
+    config = config_from_run_config(context.run_config)
+    model = load_model(config.model, config.num_classes, config.seed)
     data = local_data(config, context.node_config)
-    round_config = msg.content["config"]
+    round_config = msg.content["config"]  # what changes per round: its number, the downlink, FedProx's mu
     global_arrays = global_copy(config, context).receive(msg.content["arrays"], round_config)
     load_trainable(model, global_arrays)
 
     server_round = int(round_config.get("server-round", 0))
     seed = config.seed * 1_000_003 + server_round * 10_007 + int(context.node_config["partition-id"])
     started = time.perf_counter()
-    run = train_locally(
-        model, data,
-        epochs=int(round_config["local-epochs"]),
-        batch_size=int(round_config["batch-size"]),
-        lr=float(round_config["lr"]),
-        weight_decay=float(round_config.get("weight-decay", 0.0)),
-        adam_eps=float(round_config.get("adam-eps", ADAM_EPS)),
-        proximal_mu=float(round_config.get("proximal-mu", 0.0)),
-        seed=seed,
-    )
+    run = train_locally(model, data, config.train, proximal_mu=float(round_config.get("proximal-mu", 0.0)),
+                        seed=seed)
     seconds = time.perf_counter() - started
 
     local = trainable_arrays(model)
     feedback = ErrorFeedback(context.state, config.codec.feedback_max_age)
     update = feedback.add_residual({name: local[name] - global_arrays[name] for name in global_arrays},
                                    server_round)
-    codec = codec_from_config(round_config)
+    codec = config.codec.build()
     payload = encode(update, codec, seed=seed, gradient_rms=run.gradient_rms)
     if isinstance(codec, Identity):
         feedback.clear()  # a lossless payload leaves nothing behind
@@ -71,8 +62,8 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate_local(msg: Message, context: Context) -> Message:
-    config = from_flat(context.run_config)
-    model = load_model(config.model, NUM_CLASSES, config.seed)
+    config = config_from_run_config(context.run_config)
+    model = load_model(config.model, config.num_classes, config.seed)
     data = local_data(config, context.node_config)
     load_trainable(model, global_copy(config, context).receive(msg.content["arrays"], msg.content["config"]))
     result = evaluate(model, data)
@@ -89,13 +80,14 @@ def describe(msg: Message, context: Context) -> Message:
 
 
 def global_copy(config: Config, context: Context) -> GlobalCopy:
-    return GlobalCopy(context.state, lambda: initial_arrays(config.model, NUM_CLASSES, config.seed))
+    return GlobalCopy(context.state, lambda: initial_arrays(config.model, config.num_classes, config.seed),
+                      config.downlink.build())
 
 
 def local_data(config: Config, node_config: dict) -> Split:
     """This node's share of the training split (simulation: by ``partition-id``)."""
     if DATA_PATH in node_config:  # a deployed device: its own files (client/local_files.py)
-        return load_local_data(str(node_config[DATA_PATH]), config.model.image_size, NUM_CLASSES)
+        return load_local_data(str(node_config[DATA_PATH]), config.model.image_size, config.num_classes)
     partition_id = int(node_config["partition-id"])
     num_partitions = int(node_config.get("num-partitions", config.federation.num_clients))
     parts = _partitions(config, num_partitions)

@@ -1,7 +1,7 @@
 """The device side of a deployed federation: a Flower SuperNode that trains on local files.
 
 ``supernode_command(...)`` is the ``flower-supernode`` command line ``pollen client``
-runs: TLS against the federation's CA, the device's private key for node
+becomes: TLS against the federation's CA, the device's private key for node
 authentication, and the node config the ClientApp reads (``client/app.py``):
 ``data-path`` (the device's files, see ``client/local_files.py``) and ``partition-id``,
 a number fixed by the device key that seeds this device's local shuffling.
@@ -14,6 +14,8 @@ import zlib
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
+
+from pollen.flower_processes import console_script
 
 DEFAULT_LOCAL_PORT = 9094  # the SuperNode's port for its ClientApp processes, on 127.0.0.1
 
@@ -45,7 +47,7 @@ def supernode_command(server: str, data: Path, ca: Path | None, key: Path | None
     from pollen.client.app import DATA_PATH
 
     check_server(server)
-    command = ["flower-supernode", "--superlink", server, "--port", str(local_port)]
+    command = [console_script("flower-supernode"), "--superlink", server, "--port", str(local_port)]
     if ca is None:
         command.append("--insecure")
     else:

@@ -12,19 +12,21 @@ from collections.abc import Callable, Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from pollen.codec import CodecError, Identity, decode
+from pollen.codec import CodecError, Identity, TopK, decode
 from pollen.downlink import PREFIX, DownlinkError, rebuild
 
 
 class GlobalCopy:
-    """``GlobalCopy(context.state, initial).receive(arrays, config)`` -> the global arrays."""
+    """``GlobalCopy(context.state, initial, step_codec).receive(arrays, config)`` -> the global arrays."""
 
     ARRAYS = "global-copy"
     VERSION = "global-version"
 
-    def __init__(self, state: RecordDict, initial: Callable[[], Mapping[str, np.ndarray]]) -> None:
+    def __init__(self, state: RecordDict, initial: Callable[[], Mapping[str, np.ndarray]],
+                 step_codec: TopK | None) -> None:
         self.state = state
         self.initial = initial  # version 0: the arrays every run with this seed starts from
+        self.step_codec = step_codec  # how the server codes its steps; None: dense arrays only
 
     def held(self) -> tuple[dict[str, np.ndarray], int]:
         record = self.state.array_records.get(self.ARRAYS)
@@ -35,13 +37,13 @@ class GlobalCopy:
     def receive(self, record: ArrayRecord, config: Mapping) -> dict[str, np.ndarray]:
         """The global arrays this message stands for; kept when they came compressed."""
         layout = {name: value.shape for name, value in self.initial().items()}
-        if f"{PREFIX}kind" not in config:  # dense fp32 arrays, checked like any payload
+        if f"{PREFIX}kind" not in config or self.step_codec is None:  # dense fp32, checked like any payload
             try:
                 return decode(record, layout, Identity())
             except CodecError as error:
                 raise DownlinkError(f"bad global arrays: {error}") from None
         held, version = self.held()
-        arrays, version = rebuild(record, config, layout, held, version)
+        arrays, version = rebuild(record, config, layout, self.step_codec, held, version)
         self.state[self.ARRAYS] = ArrayRecord({name: Array(np.ascontiguousarray(value, dtype=np.float32))
                                                for name, value in arrays.items()})
         self.state[self.VERSION] = ConfigRecord({"version": version})

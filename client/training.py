@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pollen.config import TrainConfig
 from pollen.data import Split
 
 
@@ -20,16 +21,12 @@ class LocalRun:
     gradient_rms: dict[str, np.ndarray]  # per trainable array: RMS of its gradients (AdamW's 2nd moment)
 
 
-ADAM_EPS = 1e-8  # torch's AdamW default, for callers that do not choose one
-
-
-def train_locally(model: nn.Module, data: Split, *, epochs: int, batch_size: int, lr: float,
-                  weight_decay: float = 0.0, adam_eps: float = ADAM_EPS, proximal_mu: float = 0.0,
+def train_locally(model: nn.Module, data: Split, settings: TrainConfig, *, proximal_mu: float = 0.0,
                   seed: int = 0) -> LocalRun:
-    """AdamW on the trainable parameters for ``epochs`` passes.
+    """AdamW on the trainable parameters for ``settings.local_epochs`` passes.
 
-    ``adam_eps`` is AdamW's epsilon: gradients much smaller than it take steps in
-    proportion to their size rather than steps of about ``lr``.
+    ``settings.adam_eps`` is AdamW's epsilon: gradients much smaller than it take steps
+    in proportion to their size rather than steps of about ``lr``.
 
     With ``proximal_mu`` > 0 the FedProx term mu/2 * ||w - w_global||^2 keeps the
     local model near the global one it started from.
@@ -37,12 +34,13 @@ def train_locally(model: nn.Module, data: Split, *, epochs: int, batch_size: int
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     start = [p.detach().clone() for p in params]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, eps=adam_eps)
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay,
+                                  eps=settings.adam_eps)
     generator = torch.Generator().manual_seed(seed)
     model.eval()  # frozen BatchNorm statistics; only the trainable parts learn
     total, seen = 0.0, 0
-    for _ in range(epochs):
-        for batch in torch.randperm(len(data), generator=generator).split(batch_size):
+    for _ in range(settings.local_epochs):
+        for batch in torch.randperm(len(data), generator=generator).split(settings.batch_size):
             logits = model(data.images[batch])
             loss = F.cross_entropy(logits, data.labels[batch])
             if proximal_mu > 0:

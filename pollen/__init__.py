@@ -3,11 +3,11 @@
 import logging
 import os
 
-# Flower stays offline and quiet wherever Pollen runs: no telemetry, no update check,
-# and no dependency installs by the SuperLink (which would reach for the network).
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+from pollen.flower_processes import OFFLINE
+
+# Flower stays offline wherever Pollen runs, in this process as in those it starts.
+for _name, _value in OFFLINE.items():
+    os.environ.setdefault(_name, _value)
 
 # torchao announces each GPU kernel library it cannot load, and torch's pytree warns about
 # torchao's enums, on every import (peft imports torchao too); on a CPU both are expected.

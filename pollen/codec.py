@@ -40,8 +40,6 @@ from typing import Mapping
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
-from flwr.common.constant import FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from pollen.bits import (
     MAX_RICE,
@@ -55,6 +53,7 @@ from pollen.bits import (
     unpack,
     varint,
 )
+from pollen.flower_internals import FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE, get_all_nested_objects
 
 MAGIC = b"PLNU"
 VERSION = 2
@@ -67,7 +66,7 @@ _MODEL_SCOPE, _DENSE = 1, 2  # header flags
 Layout = Mapping[str, tuple[int, ...]]  # tensor name -> shape, in wire order
 
 __all__ = ["CodecError", "Identity", "TopK", "Codec", "encode", "decode", "wire_bytes", "dense_wire_bytes",
-           "layout_of", "codec_to_config", "codec_from_config", "decode_sparse"]
+           "layout_of", "decode_sparse"]
 
 
 @dataclass(frozen=True)
@@ -123,32 +122,6 @@ Codec = Identity | TopK
 
 def _kept(size: int, density: float) -> int:
     return min(size, max(1, round(density * size))) if size else 0
-
-
-def codec_to_config(codec: Codec, prefix: str = "codec.") -> dict[str, str | float | int | bool]:
-    """Codec settings as ConfigRecord entries sent to clients each round."""
-    if isinstance(codec, TopK):
-        return {f"{prefix}name": "topk", f"{prefix}density": codec.density,
-                f"{prefix}bits": codec.bits, f"{prefix}block": codec.block,
-                f"{prefix}scope": codec.scope, f"{prefix}stochastic": codec.stochastic,
-                f"{prefix}select": codec.select}
-    return {f"{prefix}name": "identity"}
-
-
-def codec_from_config(config: Mapping, prefix: str = "codec.") -> Codec:
-    name = config.get(f"{prefix}name", "identity")
-    if name == "topk":
-        try:
-            return TopK(density=float(config[f"{prefix}density"]), bits=int(config[f"{prefix}bits"]),
-                        block=int(config.get(f"{prefix}block", 0)),
-                        scope=str(config.get(f"{prefix}scope", "tensor")),
-                        stochastic=bool(config.get(f"{prefix}stochastic", False)),
-                        select=str(config.get(f"{prefix}select", "magnitude")))
-        except (KeyError, ValueError) as error:
-            raise CodecError(f"bad codec settings: {error}") from None
-    if name == "identity":
-        return Identity()
-    raise CodecError(f"unknown codec {name!r}")
 
 
 def layout_of(arrays: ArrayRecord | Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]]:

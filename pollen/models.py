@@ -14,11 +14,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 from torch.nn.utils import parametrize
 from torchao.quantization import (
@@ -28,7 +28,8 @@ from torchao.quantization import (
     quantize_affine,
 )
 
-from pollen.config import ModelConfig
+if TYPE_CHECKING:
+    from pollen.config import ModelConfig
 
 BASE_SEED = 0  # a random base (tiny-cnn) must be the same on every device
 
@@ -125,7 +126,11 @@ def _tiny_cnn(num_classes: int) -> tuple[nn.Module, str]:
     return TinyCNN(num_classes), "head"
 
 
-_ZOO = {"efficientnet-lite0": _efficientnet_lite0, "tiny-cnn": _tiny_cnn}
+# Built-in models: num_classes -> (the model with a new head, the head's module name).
+MODELS: dict[str, Callable[[int], tuple[nn.Module, str]]] = {
+    "efficientnet-lite0": _efficientnet_lite0,  # ImageNet weights shipped in a package
+    "tiny-cnn": _tiny_cnn,  # random base, for tests and quick runs
+}
 
 
 def build_model(config: ModelConfig, num_classes: int, seed: int = 0) -> nn.Module:
@@ -135,7 +140,7 @@ def build_model(config: ModelConfig, num_classes: int, seed: int = 0) -> nn.Modu
     """
     with torch.random.fork_rng():
         torch.manual_seed(BASE_SEED)
-        model, head = _ZOO[config.name](num_classes)
+        model, head = MODELS[config.name](num_classes)
     targets = [n for n in quantizable_layers(model) if n != head and not n.startswith(head + ".")]
     if config.quantize == "int8":
         quantize_int8(model, targets)
@@ -143,6 +148,8 @@ def build_model(config: ModelConfig, num_classes: int, seed: int = 0) -> nn.Modu
         torch.manual_seed(seed)
         getattr(model, head).reset_parameters()
         if config.trainable == "lora":
+            from peft import LoraConfig, inject_adapter_in_model  # peft takes seconds to import
+
             lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, target_modules=targets)
             model = inject_adapter_in_model(lora, model)
     for name, param in model.named_parameters():

@@ -1,148 +1,194 @@
-"""The ServerApp: run the rounds, evaluate centrally, write the run record and checkpoints."""
+"""The ServerApp: the federation's rounds, ``run_federation``, and one round, ``run_round``.
+
+A round, top to bottom: the strategy samples and configures clients; the broadcast replaces the
+dense global arrays in each message by what that node lacks; the Grid delivers the
+messages and waits; every reply is checked, decoded and counted (server/uplink.py);
+the strategy aggregates; the server's momentum step is applied (unless the strategy
+has an optimizer of its own); the broadcast advances the global arrays by the encoded
+step; the new model is evaluated on the held-out split, and the round is recorded and
+checkpointed. Flower's strategies are used through their own ``configure_train``,
+``aggregate_train``, ``configure_evaluate`` and ``aggregate_evaluate``.
+"""
 
 from __future__ import annotations
 
-import os
 import random
 import time
 from collections.abc import Callable
-from datetime import datetime
-from pathlib import Path
+from dataclasses import dataclass
+from logging import INFO, WARNING
 
 import numpy as np
 import torch
-import yaml
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
+from torch import nn
 
-from pollen.codec import Codec, TopK, codec_from_config
-from pollen.config import Config, from_flat, to_flat
-from pollen.data import load_dataset
+from pollen.codec import Codec
+from pollen.config import Config, config_from_run_config
+from pollen.data import Split, load_dataset
 from pollen.metrics import evaluate
 from pollen.models import initial_arrays, load_model, load_trainable
-from pollen.server.checkpoint import ResumedRounds, forget_client_versions, load_checkpoint, restore_rng, save_checkpoint
-from pollen.server.records import RoundRecord, RunRecord, read_records
-from pollen.strategies import RoundTraffic, ServerMomentum, make_strategy
+from pollen.run_folder import RoundRecord, RunFolder
 from pollen.server.broadcast import Broadcast
+from pollen.server.checkpoint import ServerState, load_checkpoint, save_checkpoint
+from pollen.server.momentum import ServerMomentum
+from pollen.server.plot import plot_run
+from pollen.server.uplink import RoundTraffic, accept_replies
+from pollen.strategies import has_server_optimizer, make_strategy, takes_sparse_deltas
 
-NUM_CLASSES = 10
-CHECKPOINT = "checkpoint.pt"
-# Set by `pollen server` (server/deploy.py) in the SuperLink's environment, which the ServerApp
-# inherits: where this run writes, and whether it goes on from that folder's checkpoint.
-RUN_FOLDER, RESUME = "POLLEN_RUN_FOLDER", "POLLEN_RESUME"
+REPLY_TIMEOUT = 3600.0  # seconds a round waits for its replies, as Flower's Strategy.start does
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    config = from_flat(context.run_config)
-    folder = os.environ.get(RUN_FOLDER)
+    config = config_from_run_config(context.run_config)
+    folder, resume = RunFolder.from_environment(config)
+    log(INFO, "Pollen run folder: %s", folder.path.resolve())
     # A new Flower run starts every client with an empty Context: nobody keeps its global copy.
-    run_federation(grid, config, Path(folder) if folder else new_run_folder(config),
-                   resume=os.environ.get(RESUME) == "1", clients_kept_state=False)
+    run_federation(grid, config, folder, resume=resume, clients_kept_state=False)
 
 
-def new_run_folder(config: Config, name: str = "") -> Path:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    folder = Path(config.output_dir) / (f"{stamp}-{name}" if name else stamp)
-    suffix = 1
-    while folder.exists():
-        folder = folder.with_name(f"{folder.name}-{suffix}")
-        suffix += 1
-    return folder
-
-
-def codec_of(config: Config) -> Codec:
-    return codec_from_config(to_flat(config), prefix="codec.")
-
-
-def downlink_of(config: Config, initial: dict[str, np.ndarray]) -> Broadcast | None:
-    """The server side of downlink compression, or None for dense fp32 arrays every round."""
-    if config.downlink.name == "identity":
-        return None
-    return Broadcast(TopK(density=config.downlink.density, bits=config.downlink.bits), initial)
-
-
-def run_federation(grid: Grid, config: Config, folder: Path,
+def run_federation(grid: Grid, config: Config, folder: RunFolder,
                    on_round: Callable[[RoundRecord], None] | None = None,
                    round_fields: Callable[[int], dict] | None = None,
                    resume: bool = False, clients_kept_state: bool = True) -> list[RoundRecord]:
-    """Run ``config.federation.rounds`` rounds on ``grid``; return one record per round (0 = start).
+    """Run the rounds of ``config`` on ``grid``; return one record per round (0 = the start).
 
-    ``round_fields(round)`` adds what only the backend knows to each record (simulated time).
-    ``resume`` goes on from ``folder``'s checkpoint (server/checkpoint.py); ``clients_kept_state``
-    says whether the clients still hold what they kept in ``Context.state`` since then.
+    ``round_fields(round)`` adds what only the backend knows to each record (simulated
+    time). ``resume`` goes on from ``folder``'s checkpoint; ``clients_kept_state`` says
+    whether the clients still hold what they kept in ``Context.state`` since then.
     """
+    folder.write_config(config)
+    model = load_model(config.model, config.num_classes, config.seed)
+    _, test_split = load_dataset(config.data.dataset, config.model.image_size, config.data.test_size, config.seed)
+    state = resumed_state(config, folder, clients_kept_state) if resume else new_state(config)
+    records = [r for r in folder.records() if r.round <= state.round] if resume else []
+    folder.start_records(records)
+    codec = config.codec.build()
+    started = time.perf_counter() - (records[-1].wall_seconds if records else 0.0)
+    try:
+        if state.round == 0:
+            outcome = RoundOutcome(RoundTraffic(), None, None)
+            records.append(record_round(0, state, outcome, model, test_split, started, started, round_fields))
+            folder.append(records[-1])
+        for server_round in range(state.round + 1, config.federation.rounds + 1):
+            round_started = time.perf_counter()
+            outcome = run_round(server_round, state, grid, codec)
+            # Evaluate, record, checkpoint.
+            record = record_round(server_round, state, outcome, model, test_split, started, round_started,
+                                  round_fields)
+            records.append(record)
+            folder.append(record)
+            state.round = server_round
+            save_checkpoint(folder.checkpoint, state, config)
+            log(INFO, "round %d: accuracy %.4f, %d updates accepted, %d rejected", server_round,
+                record.accuracy, outcome.traffic.accepted, outcome.traffic.rejected)
+            if on_round:
+                on_round(record)
+    finally:
+        if records:
+            plot_run(records, folder.plot, label=f"{config.codec.name} {config.model.trainable}")
+    return records
+
+
+@dataclass
+class RoundOutcome:
+    traffic: RoundTraffic
+    train_metrics: MetricRecord | None  # the strategy's aggregate of the clients' training metrics
+    federated_metrics: MetricRecord | None  # the clients' own evaluation (fraction_evaluate > 0)
+
+
+def run_round(server_round: int, state: ServerState, grid: Grid, codec: Codec) -> RoundOutcome:
+    """One round of training on ``grid``: ``state`` ends holding the new global arrays."""
+    traffic = RoundTraffic()
+    # Select and configure clients: the strategy samples nodes and writes their messages.
+    messages = state.strategy.configure_train(server_round, state.arrays, ConfigRecord(), grid)
+    # Address the downlink: each node gets what it lacks of the global arrays.
+    messages = state.broadcast.address(messages, state.arrays)
+    traffic.count_sent(messages)
+    replies = list(grid.send_and_receive(messages, timeout=REPLY_TIMEOUT))
+    state.broadcast.replied(replies)
+    # Accept replies: check, decode and count every update; bad ones are dropped and logged.
+    replies = accept_replies(replies, state.arrays, codec, sparse=takes_sparse_deltas(state.strategy),
+                             traffic=traffic, server_round=server_round)
+    # Aggregate with the strategy, as it would aggregate dense local models.
+    proposed, train_metrics = state.strategy.aggregate_train(server_round, replies)
+    if proposed is None:
+        log(WARNING, "round %d: no update to aggregate; the global model stays", server_round)
+    else:
+        proposed = in_dtypes_of(state.arrays, proposed)
+        # The server's optimizer step (FedAvgM's momentum), never on top of a strategy's own.
+        if state.momentum is not None:
+            proposed = state.momentum.apply(state.arrays, proposed, server_round)
+        # Advance the broadcast: the global arrays move by the encoded step towards the proposal.
+        state.arrays = state.broadcast.advance(state.arrays, proposed)
+    federated_metrics = evaluate_on_clients(state, grid, server_round, traffic)
+    return RoundOutcome(traffic, train_metrics, federated_metrics)
+
+
+def record_round(server_round: int, state: ServerState, outcome: RoundOutcome, model: nn.Module,
+                 test_split: Split, started: float, round_started: float,
+                 round_fields: Callable[[int], dict] | None) -> RoundRecord:
+    """Evaluate the global arrays on the held-out split; the round's record."""
+    load_trainable(model, {name: array.numpy() for name, array in state.arrays.items()})
+    train, federated, traffic = outcome.train_metrics, outcome.federated_metrics, outcome.traffic
+    now = time.perf_counter()
+    return RoundRecord(
+        round=server_round, **evaluate(model, test_split),
+        train_loss=float(train["train-loss"]) if train and "train-loss" in train else None,
+        federated_accuracy=float(federated["accuracy"]) if federated and "accuracy" in federated else None,
+        clients=traffic.accepted, rejected=traffic.rejected, failed=traffic.failed,
+        uplink_bytes=traffic.uplink, downlink_bytes=traffic.downlink, dense_uplink_bytes=traffic.dense_uplink,
+        compression=traffic.compression, round_seconds=now - round_started, wall_seconds=now - started,
+        **(round_fields(server_round) if round_fields else {}),
+    )
+
+
+def evaluate_on_clients(state: ServerState, grid: Grid, server_round: int,
+                        traffic: RoundTraffic) -> MetricRecord | None:
+    """Federated evaluation on the clients the strategy samples (none when fraction_evaluate is 0)."""
+    messages = state.strategy.configure_evaluate(server_round, state.arrays, ConfigRecord(), grid)
+    messages = state.broadcast.address(messages, state.arrays)
+    if not messages:
+        return None
+    traffic.count_sent(messages)
+    replies = list(grid.send_and_receive(messages, timeout=REPLY_TIMEOUT))
+    state.broadcast.replied(replies)
+    return state.strategy.aggregate_evaluate(server_round, replies)
+
+
+def new_state(config: Config) -> ServerState:
+    """Round 0: the initial arrays of the run's seed, a fresh strategy, momentum and broadcast."""
     random.seed(config.seed)  # Flower's strategies sample clients with `random`
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.yaml").write_text(yaml.safe_dump(to_flat(config), sort_keys=False))
-
-    model = load_model(config.model, NUM_CLASSES, config.seed)
-    _, test_split = load_dataset(config.data.dataset, config.model.image_size,
-                                 config.data.test_size, config.seed)
     fed = config.federation
-    start = initial_arrays(config.model, NUM_CLASSES, config.seed)
-    strategy = make_strategy(
-        fed.strategy, codec_of(config), config.strategy.settings, downlink_of(config, start),
-        ServerMomentum(fed.server_learning_rate, fed.server_momentum, fed.server_decay, fed.rounds),
-        fraction_train=fed.clients_per_round / fed.num_clients,
-        min_train_nodes=fed.clients_per_round,
-        min_available_nodes=fed.clients_per_round,
-        fraction_evaluate=fed.fraction_evaluate,
-        min_evaluate_nodes=max(1, round(fed.fraction_evaluate * fed.num_clients)),
-    )
-    resumed = load_checkpoint(folder / CHECKPOINT, to_flat(config)) if resume else None
-    if resumed:
-        strategy = resumed.strategy
-        if not clients_kept_state:
-            forget_client_versions(strategy)
-    earlier = [r for r in read_records(folder) if r.round <= resumed.round] if resumed else []
-    record = RunRecord(folder)
-    for entry in earlier:
-        record.append(entry)
-    history: list[RoundRecord] = list(earlier)
-    started = time.perf_counter() - (earlier[-1].wall_seconds if earlier else 0.0)
-    last = [started]
+    start = initial_arrays(config.model, config.num_classes, config.seed)
+    strategy = make_strategy(config)
+    momentum = None
+    if has_server_optimizer(strategy):
+        log(INFO, "%s has a server optimizer of its own: federation.server_* do not apply", fed.strategy)
+    else:
+        momentum = ServerMomentum(fed.server_learning_rate, fed.server_momentum, fed.server_decay, fed.rounds)
+    return ServerState(round=0, arrays=ArrayRecord({name: Array(value) for name, value in start.items()}),
+                       strategy=strategy, momentum=momentum, broadcast=Broadcast(config.downlink.build(), start))
 
-    def evaluate_round(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        load_trainable(model, {name: array.numpy() for name, array in arrays.items()})
-        metrics = evaluate(model, test_split)
-        traffic = strategy.traffic.get(server_round, RoundTraffic())
-        train = strategy.train_metrics.get(server_round)
-        now = time.perf_counter()
-        entry = RoundRecord(
-            round=server_round, **metrics,
-            train_loss=float(train["train-loss"]) if train else None,
-            clients=traffic.accepted, rejected=traffic.rejected, failed=traffic.failed,
-            uplink_bytes=traffic.uplink, downlink_bytes=traffic.downlink,
-            dense_uplink_bytes=traffic.dense_uplink,
-            compression=traffic.dense_uplink / traffic.uplink if traffic.uplink else None,
-            round_seconds=now - last[0], wall_seconds=now - started,
-            **(round_fields(server_round) if round_fields else {}),
-        )
-        last[0] = now
-        record.append(entry)
-        history.append(entry)
-        save_checkpoint(folder / CHECKPOINT, server_round, arrays, strategy, to_flat(config))
-        if on_round:
-            on_round(entry)
-        return MetricRecord(metrics)
 
-    initial = ArrayRecord({name: Array(value) for name, value in start.items()})
-    train_config = ConfigRecord({
-        "lr": config.train.lr,
-        "local-epochs": config.train.local_epochs,
-        "batch-size": config.train.batch_size,
-        "weight-decay": config.train.weight_decay,
-        "adam-eps": config.train.adam_eps,
-    })
-    runner = strategy
-    if resumed:
-        restore_rng(resumed.rng)
-        initial, runner = resumed.arrays, ResumedRounds(strategy, resumed.round)
-    runner.start(grid, initial, num_rounds=fed.rounds, train_config=train_config,
-                 evaluate_fn=evaluate_round)
-    return history
+def resumed_state(config: Config, folder: RunFolder, clients_kept_state: bool) -> ServerState:
+    """The state after the checkpoint's round; the random generators are restored with it."""
+    state = load_checkpoint(folder.checkpoint, config)
+    if state.momentum is not None:
+        state.momentum.rounds = config.federation.rounds  # a resumed run may go on for longer
+    if not clients_kept_state:
+        state.broadcast.forget_nodes()
+    return state
+
+
+def in_dtypes_of(current: ArrayRecord, proposed: ArrayRecord) -> ArrayRecord:
+    """The proposal in the model's dtypes: FedAdam & co. return float64 under NumPy 2."""
+    return ArrayRecord({name: Array(array.numpy().astype(current[name].numpy().dtype, copy=False))
+                        for name, array in proposed.items()})
 

@@ -1,7 +1,7 @@
 """Broadcast: the server side of the downlink (wire format in ``pollen/downlink.py``).
 
-The global trainable arrays move by one compressed step per round: the inner
-strategy's new arrays minus the current ones, plus what earlier steps left out
+The global trainable arrays move by one compressed step per round: the arrays
+proposed by the strategy (and the server's optimizer step) minus the current ones, plus what earlier steps left out
 (server-side error feedback), encoded with the downlink codec. The global model
 is the sum of the decoded steps, so every client that holds version v rebuilds
 version t exactly from steps v+1..t, and nothing the strategy asked for is lost,
@@ -11,6 +11,9 @@ Each node is sent what it lacks: the chain of steps since the version it holds,
 or the whole arrays at 8 bits when that is cheaper or its version is unknown (its
 last message got no good reply). Steps too old to be worth chaining are dropped,
 so memory stays bounded however many rounds run.
+
+Without a step codec (``downlink.name: identity``) every message carries the dense
+fp32 arrays and the global arrays are the proposed ones.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from pollen.downlink import arrays_crc, chain_message, full_message
 class Broadcast:
     """``Broadcast(TopK(density=1.0), initial_arrays)``: versioned global arrays, sent compactly."""
 
-    def __init__(self, codec: TopK, initial: dict[str, np.ndarray]) -> None:
+    def __init__(self, codec: TopK | None, initial: dict[str, np.ndarray]) -> None:
         self.codec = codec
         self.version = 0
         self.steps: dict[int, ArrayRecord] = {}  # version -> encoded step that produced it
@@ -41,6 +44,8 @@ class Broadcast:
 
     def address(self, messages: Iterable[Message], arrays: ArrayRecord) -> list[Message]:
         """Replace the dense arrays in each outgoing message by what its node lacks."""
+        if self.codec is None:
+            return list(messages)
         out = []
         for message in messages:
             node = message.metadata.dst_node_id
@@ -63,13 +68,26 @@ class Broadcast:
 
     def replied(self, replies: Iterable[Message]) -> None:
         """Nodes that answered well now hold what they were sent; the others, who knows."""
+        if self.codec is None:
+            return
         answered = {reply.metadata.src_node_id: not reply.has_error() for reply in replies}
         for node, version in self._pending.items():
             self.node_versions[node] = version if answered.get(node) else None
         self._pending.clear()
 
+    def forget_nodes(self) -> None:
+        """After a restart in which every client lost its state (a new Flower run): all hold version 0.
+
+        Each node is then sent the chain from the initial arrays, or the whole arrays,
+        instead of steps on top of a copy it no longer has.
+        """
+        self.node_versions.clear()
+        self._pending.clear()
+
     def advance(self, current: ArrayRecord, proposed: ArrayRecord) -> ArrayRecord:
         """The next global arrays: current + the encoded step towards ``proposed``."""
+        if self.codec is None:
+            return proposed
         now = {name: array.numpy() for name, array in current.items()}
         step = {name: proposed[name].numpy().astype(np.float32) - now[name] + self._residual[name]
                 for name in now}
@@ -91,7 +109,7 @@ class Broadcast:
     def _chain_from(self, base: int) -> tuple[ArrayRecord, dict, int]:
         """The chain base+1..version and its bytes, built once per base and version."""
         if base not in self._chains:
-            record, entries = chain_message(self.steps, base, self.version, self.codec,
+            record, entries = chain_message(self.steps, base, self.version,
                                             self._base_crc if base == 0 else None)
             self._chains[base] = (record, entries, wire_bytes(record))
         return self._chains[base]

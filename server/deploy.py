@@ -7,111 +7,41 @@ would do by hand with Flower's tools:
    ``--enable-supernode-auth`` (only registered device keys may connect);
 2. ``flwr supernode register`` every device public key in ``CERTS/devices/``;
 3. ``flwr run`` a Flower App whose ``pyproject.toml`` carries this run's whole config,
-   so the SuperLink runs the same ServerApp (``server.app:app``) the simulations use
-   and devices run the same ClientApp (``client.app:app``) from their installed Pollen.
+   so the SuperLink runs the same ServerApp (``pollen.server.app:app``) the simulations
+   use and devices run the same ClientApp (``pollen.client.app:app``) from their
+   installed Pollen.
 
 Flower's CLI keeps its connection settings under ``FLWR_HOME``; each run gets its own,
-inside the run folder, so nothing in the user's home is touched. Every process is
-started in its own session and stopped by its process-group id, which reaches the
-helpers the SuperLink spawns (SuperExec, the ServerApp) as well.
+inside the run folder, so nothing in the user's home is touched. The SuperLink and
+what it spawns are started and stopped by ``pollen.flower_processes``.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomli_w
-
 from pollen.certs import CA_CERT, DEVICES, SERVER_CERT, SERVER_KEY, CertificateError, server_names_of
-from pollen.config import Config, to_flat
-from pollen.server.app import RESUME, RUN_FOLDER
+from pollen.config import Config, run_config_of
+from pollen.flower_processes import (CONNECTION, SUPERLINK_LOG, FlowerError, ProcessTree, console_script,
+                                     offline_env, wait_until_ready, write_app, write_connection)
+from pollen.run_folder import RunFolder
 
-# Keep Flower offline: no telemetry, no update check, no `uv sync` of the app's dependencies.
-OFFLINE = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
-CONNECTION = "pollen"  # the SuperLink connection's name in FLWR_HOME/config.toml
 DEFAULT_PORT = 9093
+SERVERAPP, CLIENTAPP = "pollen.server.app:app", "pollen.client.app:app"
 
 
-class DeploymentError(RuntimeError):
+class DeploymentError(FlowerError):
     """The federation could not be started or run; the message says which step failed."""
 
 
-def flower_env(flwr_home: Path | None = None) -> dict[str, str]:
-    env = {**os.environ, **OFFLINE}
-    if flwr_home is not None:
-        env["FLWR_HOME"] = str(flwr_home)
-    return env
-
-
-@dataclass
-class Process:
-    """A started command, its log file, and how to stop it with everything it spawned."""
-
-    name: str
-    popen: subprocess.Popen
-    log: Path
-
-    @classmethod
-    def start(cls, name: str, command: list[str], log: Path, env: dict[str, str],
-              cwd: Path | None = None) -> Process:
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with log.open("ab") as out:
-            popen = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
-        return cls(name, popen, log)
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def running(self) -> bool:
-        return self.popen.poll() is None
-
-    def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM the process group (the process and its helpers), SIGKILL what outlives ``grace``."""
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(self.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                self.popen.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                continue
-            if not _group_alive(self.pid, grace):
-                break
-
-    def tail(self, lines: int = 15) -> str:
-        text = self.log.read_text(errors="replace") if self.log.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
-
-
-def _group_alive(pgid: int, wait: float) -> bool:
-    """Whether any process of the group is left after up to ``wait`` seconds."""
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return False
-        if time.monotonic() > deadline:
-            return True
-        time.sleep(0.1)
-
-
 def superlink_command(host: str, port: int, certs: Path | None, node_auth: bool) -> list[str]:
-    command = [_tool("flower-superlink"), "--host", host, "--port", str(port),
+    command = [console_script("flower-superlink"), "--host", host, "--port", str(port),
                "--disable-runtime-dependency-installation"]
     if certs is None:
         command.append("--insecure")
@@ -121,34 +51,6 @@ def superlink_command(host: str, port: int, certs: Path | None, node_auth: bool)
     if node_auth:
         command.append("--enable-supernode-auth")
     return command
-
-
-def write_app(folder: Path, config: Config) -> Path:
-    """A Flower App holding only ``pyproject.toml``: the components come from the installed Pollen."""
-    app = folder / "app"
-    app.mkdir(parents=True, exist_ok=True)
-    run_config = to_flat(config)
-    project = {
-        "build-system": {"requires": ["setuptools>=68"], "build-backend": "setuptools.build_meta"},
-        "project": {"name": "pollen-run", "version": "1.0.0", "license": "Apache-2.0", "dependencies": []},
-        "tool": {"flwr": {"app": {"publisher": "pollen",
-                                  "components": {"serverapp": "pollen.server.app:app", "clientapp": "pollen.client.app:app"},
-                                  "config": run_config}}},
-    }
-    (app / "pyproject.toml").write_text(tomli_w.dumps(project))
-    return app
-
-
-def write_connection(flwr_home: Path, address: str, certs: Path | None) -> None:
-    """Flower CLI settings: how ``flwr run``/``flwr supernode register`` reach this SuperLink."""
-    flwr_home.mkdir(parents=True, exist_ok=True)
-    connection: dict[str, Any] = {"address": address}
-    if certs is None:
-        connection["insecure"] = True
-    else:
-        connection["root-certificates"] = str((certs / CA_CERT).resolve())
-    (flwr_home / "config.toml").write_text(
-        tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: connection}}))
 
 
 def device_public_keys(certs: Path) -> list[Path]:
@@ -170,7 +72,7 @@ class Deployment:
     port: int = DEFAULT_PORT
     resume: bool = False
     public_keys: list[Path] = field(default_factory=list)
-    superlink: Process | None = None
+    superlink: ProcessTree | None = None
     run_id: int | None = None
     node_ids: dict[str, int] = field(default_factory=dict)
 
@@ -210,25 +112,20 @@ class Deployment:
     def start(self, timeout: float = 60.0) -> None:
         """Start the SuperLink, wait until it answers, register the device keys."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        write_connection(self.flwr_home, self.address, self.certs)
+        write_connection(self.flwr_home, self.address, None if self.certs is None else self.certs / CA_CERT)
         command = superlink_command(self.host, self.port, self.certs, node_auth=self.certs is not None)
-        env = {**flower_env(self.flwr_home), RUN_FOLDER: str(self.folder), RESUME: "1" if self.resume else "0"}
-        self.superlink = Process.start("superlink", command, self.folder / "logs" / "superlink.log",
-                                       env, cwd=self.folder)
+        env = {**offline_env(self.flwr_home), **RunFolder.environment(self.folder, self.resume)}
+        self.superlink = ProcessTree.start(command, RunFolder(self.folder).logs / SUPERLINK_LOG, env,
+                                           cwd=self.folder)
         deadline = time.monotonic() + timeout
-        while not _port_open(self.local_host, self.port):
-            if not self.superlink.running():
-                raise DeploymentError(f"the SuperLink exited:\n{self.superlink.tail()}")
-            if time.monotonic() > deadline:
-                raise DeploymentError(f"the SuperLink did not listen on {self.address} within {timeout:.0f} s")
-            time.sleep(0.2)
+        wait_until_ready(self.local_host, self.port, self.superlink, timeout)
         for key in self.public_keys:
             reply = self.flwr(["supernode", "register", str(key), CONNECTION], deadline)
             self.node_ids[str(key)] = int(reply["node-id"])
 
     def submit(self, timeout: float = 60.0) -> int:
         """Submit the Pollen app for the configured rounds; returns Flower's run id."""
-        app = write_app(self.folder, self.config)
+        app = write_app(self.folder / "app", SERVERAPP, CLIENTAPP, run_config_of(self.config))
         reply = self.flwr(["run", str(app), CONNECTION], time.monotonic() + timeout)
         self.run_id = int(reply["run-id"])
         return self.run_id
@@ -254,8 +151,10 @@ class Deployment:
                                           f"{status.get('status-details')}; see `FLWR_HOME={self.flwr_home} "
                                           f"flwr log {self.run_id} {CONNECTION}` and {self.superlink.log}")
                 return status
-            if self.superlink is not None and not self.superlink.running():
-                raise DeploymentError(f"the SuperLink exited:\n{self.superlink.tail()}")
+            if self.superlink is not None:
+                if not self.superlink.running():
+                    raise DeploymentError(f"the SuperLink exited:\n{self.superlink.tail()}")
+                self.superlink.remember_children()
             if deadline is not None and time.monotonic() > deadline:
                 raise DeploymentError(f"run {self.run_id} did not finish within {timeout:.0f} s")
             time.sleep(poll)
@@ -267,8 +166,8 @@ class Deployment:
     def flwr(self, args: list[str], deadline: float) -> dict[str, Any]:
         """Run one ``flwr`` CLI command with JSON output, retrying while the SuperLink warms up."""
         while True:
-            done = subprocess.run([_tool("flwr"), *args, "--format", "json"], capture_output=True, text=True,
-                                  env=flower_env(self.flwr_home), cwd=self.folder,
+            done = subprocess.run([console_script("flwr"), *args, "--format", "json"], capture_output=True,
+                                  text=True, env=offline_env(self.flwr_home), cwd=self.folder,
                                   timeout=max(5.0, deadline - time.monotonic()))
             try:
                 reply = json.loads(done.stdout)
@@ -280,14 +179,3 @@ class Deployment:
                 raise DeploymentError(f"`flwr {' '.join(args)}` failed: {reply.get('error-message', reply)}")
             time.sleep(0.5)
 
-
-def _port_open(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-        probe.settimeout(0.5)
-        return probe.connect_ex((host, port)) == 0
-
-
-def _tool(name: str) -> str:
-    """A console script installed next to this Python, so the right environment runs it."""
-    beside = Path(sys.executable).parent / name
-    return str(beside) if beside.exists() else name

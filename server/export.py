@@ -20,16 +20,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 from torch.nn.utils import parametrize
 
-from pollen.config import Config, from_flat
+from pollen.config import Config
 from pollen.data import load_dataset
 from pollen.models import build_model, load_trainable
-from pollen.server.checkpoint import CHECKPOINT
+from pollen.run_folder import RunFolder
+from pollen.server.checkpoint import load_arrays
 
-NUM_CLASSES = 10
 FORMATS = {"onnx": "model.onnx", "torch": "model.pt2"}
 TOLERANCE = 1e-4  # max |exported - PyTorch| logit difference accepted
 CHECKED_IMAGES = 64
@@ -114,15 +113,14 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def run_model(run: Path) -> tuple[Config, nn.Module]:
     """The run's config and its final federated model (fresh, not the process-wide cached one)."""
-    config_path, checkpoint_path = run / "config.yaml", run / CHECKPOINT
-    for path in (config_path, checkpoint_path):
+    folder = RunFolder(run)
+    for path in (folder.config_path, folder.checkpoint):
         if not path.is_file():
             raise ExportError(f"{run}: no {path.name}; expected a run folder from `pollen simulate` or "
                               "`pollen server`")
-    config = from_flat(yaml.safe_load(config_path.read_text()))
-    state = torch.load(checkpoint_path, weights_only=False)
-    model = build_model(config.model, NUM_CLASSES, config.seed)
-    load_trainable(model, {name: value.numpy() for name, value in state["arrays"].items()})
+    config = folder.read_config()
+    model = build_model(config.model, config.num_classes, config.seed)
+    load_trainable(model, load_arrays(folder.checkpoint))
     return config, model.eval()
 
 

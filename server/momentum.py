@@ -1,4 +1,4 @@
-"""ServerMomentum: FedAvgM's server update, around any strategy's aggregate.
+"""ServerMomentum: FedAvgM's server update, applied to what a strategy proposes.
 
 The strategy proposes new global arrays; their change from the current ones is a
 step. The server keeps a velocity v = momentum * v + step and moves the global
@@ -13,6 +13,9 @@ linearly to a tenth of itself over the last ``decay`` share of ``rounds`` (a
 constant-then-decay schedule): once the model is near its plateau, smaller moves
 average out the noise of rounds in which each coordinate has a single sender.
 ``benchmarks/default_run.py`` measures the default setting.
+
+Strategies that have a server optimizer of their own (FedAvgM, FedAdam, FedYogi,
+FedAdagrad: ``pollen.strategies.has_server_optimizer``) never get this one on top.
 """
 
 from __future__ import annotations
@@ -26,8 +29,7 @@ class ServerMomentum:
 
     FINAL = 0.1  # the decayed learning rate at the last round, as a share of the first
 
-    def __init__(self, learning_rate: float = 1.0, momentum: float = 0.0, decay: float = 0.0,
-                 rounds: int = 0) -> None:
+    def __init__(self, learning_rate: float, momentum: float, decay: float, rounds: int) -> None:
         if not learning_rate > 0:
             raise ValueError(f"server learning rate must be positive, got {learning_rate}")
         if not 0.0 <= momentum < 1.0:

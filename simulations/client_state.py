@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Protocol
 
 from flwr.app import RecordDict
-from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
-from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+
+from pollen.flower_internals import recorddict_from_bytes, recorddict_to_bytes
 
 
 class ClientStates(Protocol):
@@ -66,12 +66,12 @@ class SpilledStates:
         path = self._path(node_id)
         if not path.exists():
             return RecordDict()
-        return recorddict_from_proto(ProtoRecordDict.FromString(path.read_bytes()))
+        return recorddict_from_bytes(path.read_bytes())
 
     def save(self, node_id: int, state: RecordDict) -> None:
         path = self._path(node_id)
         if len(state):
-            path.write_bytes(recorddict_to_proto(state).SerializeToString())
+            path.write_bytes(recorddict_to_bytes(state))
         else:
             path.unlink(missing_ok=True)
 

@@ -36,8 +36,8 @@ from rich import box  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from pollen.config import Config, ConfigError, from_flat, load_config, to_flat  # noqa: E402
-from pollen.server.records import RoundRecord  # noqa: E402
+from pollen.config import Config, ConfigError, from_dict, load_config, to_dict, with_overrides  # noqa: E402
+from pollen.run_folder import RoundRecord, RunFolder  # noqa: E402
 from pollen.simulations.run import simulate  # noqa: E402
 from pollen.strategies import check_strategy  # noqa: E402
 
@@ -108,11 +108,12 @@ def load_compare(path: str | Path) -> CompareConfig:
         raise ConfigError(f"{unknown[0]}: unknown key (known: {', '.join(KEYS)})")
     base_path = values.get("run")
     base = load_config(path.parent / base_path if base_path else None)
-    base = with_overrides(base, values.get("set") or {}, "set")
-    seeds = values.get("seeds", [0, 1, 2])
+    base = overridden(base, values.get("set") or {}, "set")
+    defaults = CompareConfig(base, ())
+    seeds = values.get("seeds", list(defaults.seeds))
     if not (isinstance(seeds, list) and seeds and all(type(s) is int for s in seeds)) or len(set(seeds)) != len(seeds):
         raise ConfigError(f"seeds: expected a list of distinct integers, got {seeds!r}")
-    target = values.get("target_accuracy", 0.8)
+    target = values.get("target_accuracy", defaults.target_accuracy)
     if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1:
         raise ConfigError(f"target_accuracy: must be in (0, 1], got {target!r}")
     variants = values.get("variants")
@@ -120,29 +121,24 @@ def load_compare(path: str | Path) -> CompareConfig:
         raise ConfigError("variants: expected a mapping of names to run-config overrides")
     built = []
     for label, overrides in variants.items():
-        config = with_overrides(base, overrides or {}, f"variants.{label}")
+        config = overridden(base, overrides or {}, f"variants.{label}")
         try:
             check_strategy(config)
         except ConfigError as error:
             raise ConfigError(f"variants.{label}: {error}") from None
         built.append((str(label), config))
     return CompareConfig(base, tuple(built), tuple(seeds), float(target),
-                         str(values.get("output_dir", "runs/compare")))
+                         str(values.get("output_dir", defaults.output_dir)))
 
 
-def with_overrides(config: Config, values: Mapping[str, Any], where: str) -> Config:
-    """``config`` with flat ``key: value`` overrides, checked as ``--set`` checks them."""
+def overridden(config: Config, values: Mapping[str, Any], where: str) -> Config:
+    """``config`` with dotted ``key: value`` overrides, checked as ``--set`` checks them."""
     if not isinstance(values, dict):
         raise ConfigError(f"{where}: expected a mapping of run-config keys, got {values!r}")
-    flat = to_flat(config)
-    for key, value in values.items():
-        if key not in flat and not str(key).startswith("strategy."):
-            raise ConfigError(f"{where}.{key}: unknown key (known: {', '.join(sorted(flat))})")
-        flat[key] = value
     try:
-        return from_flat(flat)
+        return from_dict(with_overrides(to_dict(config), values))
     except ConfigError as error:
-        raise ConfigError(f"{where}: {error}") from None
+        raise ConfigError(f"{where}.{error}") from None
 
 
 def run_compare(compare: CompareConfig, folder: Path | None = None,
@@ -155,7 +151,7 @@ def run_compare(compare: CompareConfig, folder: Path | None = None,
         for seed in compare.seeds:
             config = dataclasses.replace(variant, seed=seed)
             started = time.perf_counter()
-            _, records = simulate(config, folder / "runs" / label / f"seed-{seed}")
+            _, records = simulate(config, RunFolder(folder / "runs" / label / f"seed-{seed}"))
             result = RunResult(label, seed, records, time.perf_counter() - started)
             results.append(result)
             if on_run:

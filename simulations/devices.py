@@ -36,11 +36,11 @@ from uuid import uuid4
 import numpy as np
 import yaml
 from flwr.app import Error, Message, MessageType
-from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from pollen.codec import wire_bytes
 from pollen.config import ConfigError
+from pollen.flower_internals import ErrorCode
 from pollen.simulations.grid_wrapper import GridWrapper
 
 BITS_PER_BYTE = 8
@@ -157,11 +157,12 @@ class DeviceGrid(GridWrapper):
     stays unset; the participants of every round are still written to ``log_path``.
     """
 
-    def __init__(self, inner: Grid, population: DevicePopulation | None, seed: int,
+    def __init__(self, inner: Grid, population: DevicePopulation | None, seed: int, local_epochs: int,
                  deadline_seconds: float = 0.0, log_path: Path | None = None) -> None:
         super().__init__(inner)
         self.population = population
         self.seed = seed
+        self.local_epochs = local_epochs  # each reply's training time: examples x epochs / throughput
         self.deadline = deadline_seconds
         self.log_path = log_path
         self.rounds: dict[int, RoundTiming] = {}
@@ -220,7 +221,7 @@ class DeviceGrid(GridWrapper):
             if self.population is None or request is None or reply.has_error():
                 out.append(reply)
                 continue
-            seconds = self._reply_seconds(request, reply, node_of[id(request)], downlink[id(request)])
+            seconds = self._reply_seconds(reply, node_of[id(request)], downlink[id(request)])
             if self.deadline and seconds > self.deadline:
                 timing.stragglers.append(node_of[id(request)])
                 out.append(_error_reply(request, ErrorCode.REPLY_MESSAGE_UNAVAILABLE,
@@ -253,10 +254,9 @@ class DeviceGrid(GridWrapper):
         draw = np.random.default_rng([self.seed, 2, server_round, node_id]).random()
         return bool(draw < self.population.dropout[node_id - 1])
 
-    def _reply_seconds(self, request: Message, reply: Message, node_id: int, downlink: int) -> float:
+    def _reply_seconds(self, reply: Message, node_id: int, downlink: int) -> float:
         metrics = next(iter(reply.content.metric_records.values()), {})
-        epochs = float(request.content["config"].get("local-epochs", 1))
-        examples = float(metrics.get("num-examples", 0)) * epochs
+        examples = float(metrics.get("num-examples", 0)) * self.local_epochs
         uplink = sum(wire_bytes(r) for r in reply.content.array_records.values())
         return self.population.seconds(node_id, downlink, examples, uplink)
 
@@ -274,7 +274,7 @@ def _error_reply(message: Message, code: int, reason: str) -> Message:
 
 
 def device_grid(inner: Grid, num_nodes: int, seed: int, devices: str, deadline_seconds: float,
-                min_online: int, log_path: Path | None = None) -> DeviceGrid:
+                min_online: int, local_epochs: int, log_path: Path | None = None) -> DeviceGrid:
     """A DeviceGrid from the ``simulation`` settings; checks the fleet can fill a round."""
     population = None
     if devices:
@@ -284,4 +284,4 @@ def device_grid(inner: Grid, num_nodes: int, seed: int, devices: str, deadline_s
                 f"simulation.devices: on average {population.expected_online():.1f} of {num_nodes} "
                 f"clients are online, fewer than the {min_online} a round needs "
                 f"(federation.clients_per_round)")
-    return DeviceGrid(inner, population, seed, deadline_seconds, log_path)
+    return DeviceGrid(inner, population, seed, local_epochs, deadline_seconds, log_path)

@@ -11,7 +11,8 @@ from collections.abc import Iterable
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
-from flwr.supercore.run import Run
+
+from pollen.flower_internals import Run
 
 
 class GridWrapper(Grid):

@@ -15,12 +15,10 @@ from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
-from flwr.common.logger import log
+from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.supercore.run import Run
-from flwr.supercore.task_identity import TaskIdentity
 
+from pollen.flower_internals import SUPERLINK_NODE_ID, ErrorCode, Run, TaskIdentity, set_message_id
 from pollen.simulations.client_state import ClientStates, InMemoryStates
 
 RUN_ID = 1
@@ -79,9 +77,7 @@ class InProcessGrid(Grid):
     def deliver(self, message: Message) -> Message:
         """Run the ClientApp on one message; an exception becomes an error reply, as in Flower."""
         node_id = message.metadata.dst_node_id
-        # The SuperLink assigns message ids; Metadata has no public setter (Flower's
-        # own in-memory grid writes it the same way).
-        message.metadata.__dict__["_message_id"] = uuid4().hex
+        set_message_id(message, uuid4().hex)  # the SuperLink assigns ids; here this backend is it
         if not 1 <= node_id <= len(self.node_ids):
             return Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason=f"no node with id {node_id}"),
                            reply_to=message)

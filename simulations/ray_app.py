@@ -1,6 +1,7 @@
 """The ServerApp of a simulated federation on Flower's simulation engine (Ray).
 
-It runs the same rounds as ``server.app`` through ``simulations.federation``,
+It runs the same rounds as ``pollen.server.app`` through ``pollen.simulations.federation``,
+into the run folder its SuperLink's environment names (``RunFolder.from_environment``),
 on Flower's Grid seen two ways:
 
 * ``PartitionGrid``: the engine gives its virtual nodes random 64-bit ids. Asked once
@@ -14,12 +15,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from pathlib import Path
 
 from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from pollen.config import from_flat
+from pollen.config import config_from_run_config
+from pollen.run_folder import RunFolder
 from pollen.simulations.federation import simulated_federation
 from pollen.simulations.grid_wrapper import GridWrapper
 
@@ -30,10 +31,9 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    config = from_flat(context.run_config)
-    # The launcher sets output_dir to the run folder itself, so it knows where to look.
-    simulated_federation(PartitionGrid(grid, config.federation.num_clients), config,
-                         Path(config.output_dir))
+    config = config_from_run_config(context.run_config)
+    folder, _ = RunFolder.from_environment(config)  # a simulation starts afresh: no resume
+    simulated_federation(PartitionGrid(grid, config.federation.num_clients), config, folder)
 
 
 class PartitionGrid(GridWrapper):

@@ -1,27 +1,11 @@
-"""What a finished run shows a person: a table and a plot of its run record."""
+"""What a run shows a person in the terminal: a line per round and a table (the plot: server/plot.py)."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from rich.console import Console, RenderableType
+from rich.table import Table
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-from rich.console import Console, RenderableType  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from pollen.server.records import RoundRecord  # noqa: E402
-
-MB = 1e6
-
-
-def cumulative_uplink_mb(records: list[RoundRecord]) -> list[float]:
-    total, out = 0, []
-    for entry in records:
-        total += entry.uplink_bytes
-        out.append(total / MB)
-    return out
+from pollen.run_folder import RoundRecord
 
 
 def time_to_accuracy(records: list[RoundRecord], target: float) -> float | None:
@@ -81,28 +65,3 @@ def round_row(entry: RoundRecord) -> list[str]:
 def round_line(entry: RoundRecord) -> str:
     """One finished round as a line for the live log."""
     return "  ".join(f"{key} {value}" for key, value in zip(COLUMNS, round_row(entry)))
-
-
-def plot_run(records: list[RoundRecord], path: Path, label: str = "run") -> Path:
-    """Accuracy vs round, vs cumulative uplink MB and (with simulated devices) vs simulated time."""
-    simulated = all(entry.simulated_seconds is not None for entry in records)
-    fig, axes = plt.subplots(1, 3 if simulated else 2, figsize=(16 if simulated else 11, 4))
-    by_round, by_bytes = axes[:2]
-    rounds = [entry.round for entry in records]
-    accuracy = [entry.accuracy for entry in records]
-    by_round.plot(rounds, accuracy, marker="o", label=label)
-    by_round.set(xlabel="round", ylabel="test accuracy", title="Accuracy by round")
-    by_bytes.plot(cumulative_uplink_mb(records), accuracy, marker="o", label=label)
-    by_bytes.set(xlabel="cumulative uplink (MB on the wire)", ylabel="test accuracy",
-                 title="Accuracy by uplink traffic")
-    if simulated:
-        axes[2].plot([entry.simulated_seconds / 60 for entry in records], accuracy, marker="o", label=label)
-        axes[2].set(xlabel="simulated time (min)", ylabel="test accuracy",
-                    title="Accuracy by simulated device time")
-    for axis in axes:
-        axis.grid(alpha=0.3)
-        axis.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path

@@ -9,45 +9,32 @@ partitions, sampling, dropouts and simulated clock on both.
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 from pollen.client.app import app as client_app
-from pollen.config import Config, to_flat
-from pollen.server.app import new_run_folder
-from pollen.server.records import RoundRecord, RunRecord, read_records
+from pollen.config import Config, run_config_of
+from pollen.run_folder import RoundRecord, RunFolder
 from pollen.simulations.client_state import client_states
-from pollen.simulations.federation import PARTICIPANTS, simulated_federation
+from pollen.simulations.federation import simulated_federation
 from pollen.simulations.inprocess import InProcessGrid
-from pollen.simulations.report import plot_run
-
-PLOT = "accuracy.png"
-__all__ = ["PARTICIPANTS", "PLOT", "simulate", "simulated_federation"]
 
 
-def simulate(config: Config, folder: Path | None = None,
-             on_round: Callable[[RoundRecord], None] | None = None) -> tuple[Path, list[RoundRecord]]:
-    """Run the federation on ``config.simulation.backend``; write record, plot into ``folder``.
+def simulate(config: Config, folder: RunFolder | None = None,
+             on_round: Callable[[RoundRecord], None] | None = None) -> tuple[RunFolder, list[RoundRecord]]:
+    """Run the federation on ``config.simulation.backend``; its record, plot and checkpoint go to ``folder``.
 
-    Interrupted (Ctrl-C), the rounds finished so far stay in the run record and plot.
+    Interrupted (Ctrl-C), the rounds finished so far stay in the run folder.
     """
-    folder = folder or new_run_folder(config)
-    try:
-        if config.simulation.backend == "ray":
-            from pollen.simulations.ray_backend import run_on_ray
+    folder = folder or RunFolder.new(config.output_dir)
+    if config.simulation.backend == "ray":
+        from pollen.simulations.ray_backend import run_on_ray
 
-            records = run_on_ray(config, folder, on_round)
-        else:
-            records = run_in_process(config, folder, on_round)
-    finally:
-        written = read_records(folder) if (folder / RunRecord.FILENAME).exists() else []
-        if written:
-            plot_run(written, folder / PLOT, label=f"{config.codec.name} {config.model.trainable}")
-    return folder, records
+        return folder, run_on_ray(config, folder, on_round)
+    return folder, run_in_process(config, folder, on_round)
 
 
-def run_in_process(config: Config, folder: Path,
+def run_in_process(config: Config, folder: RunFolder,
                    on_round: Callable[[RoundRecord], None] | None = None) -> list[RoundRecord]:
-    grid = InProcessGrid(client_app, config.federation.num_clients, to_flat(config),
+    grid = InProcessGrid(client_app, config.federation.num_clients, run_config_of(config),
                          client_states(config.simulation.client_state))
     try:
         return simulated_federation(grid, config, folder, on_round)

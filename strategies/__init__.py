@@ -1,4 +1,4 @@
-"""Aggregation strategies, chosen by name; each wrapped to accept compressed updates.
+"""Aggregation strategies, chosen by name: the registry.
 
 ``federation.strategy`` names one of:
 
@@ -10,6 +10,9 @@ Any class that implements Flower's ``flwr.serverapp.strategy.Strategy`` works. I
 keyword arguments come from the config's ``strategy:`` section and are checked
 against its constructor before a run starts: an unknown name, a wrong type, or a
 setting Pollen itself controls is rejected with the parameter named.
+
+Strategies see dense local arrays, or sparse deltas if they set
+``takes_sparse_deltas`` (pollen/server/uplink.py decodes replies before they do).
 """
 
 from __future__ import annotations
@@ -25,12 +28,8 @@ from flwr.serverapp.strategy import (
     Krum, MultiKrum, Strategy,
 )
 
-from pollen.codec import Codec
 from pollen.config import Config, ConfigError
-from pollen.server.broadcast import Broadcast
-from pollen.server.uplink import CompressedUpdates, RoundTraffic
 from pollen.strategies.fednova import FedNova
-from pollen.server.momentum import ServerMomentum
 from pollen.strategies.sparse_fedavg import SparseFedAvg
 from pollen.strategies.sparse_median import SparseMedian
 from pollen.strategies.sparse_trimmed_mean import SparseTrimmedMean
@@ -38,7 +37,7 @@ from pollen.strategies.sparse_trimmed_mean import SparseTrimmedMean
 ENTRY_POINT_GROUP = "pollen.strategies"
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    # Flower's, unchanged: they see dense local arrays decoded by CompressedUpdates.
+    # Flower's, unchanged: they see dense local arrays decoded by the server's uplink.
     "fedavg": FedAvg,
     "fedavgm": FedAvgM,
     "fedprox": FedProx,
@@ -60,6 +59,10 @@ STRATEGIES: dict[str, type[Strategy]] = {
 # Set by Pollen from federation.* (sampling) or fixed by its message format.
 SAMPLING = ("fraction_train", "fraction_evaluate", "min_train_nodes", "min_evaluate_nodes",
             "min_available_nodes")
+# Set by Pollen from train.*, for strategies whose constructor takes them (FedNova counts local steps).
+TRAINING = ("local_epochs", "batch_size")
+# Strategies with a server optimizer of their own: the server's momentum step never stacks on them.
+SERVER_OPTIMIZERS = (FedAvgM, FedAdam, FedYogi, FedAdagrad)
 FIXED = ("weighted_by_key", "arrayrecord_key", "configrecord_key")
 _SCALARS = (bool, int, float, str)
 
@@ -104,13 +107,15 @@ def check_params(name: str, params: Mapping[str, Any]) -> dict[str, Any]:
     cls = resolve_strategy(name)
     known = strategy_parameters(cls)
     settable = {key: param for key, param in known.items()
-                if key not in SAMPLING + FIXED and _kind(param) is not None}
+                if key not in SAMPLING + TRAINING + FIXED and _kind(param) is not None}
     checked = {}
     for key, value in params.items():
         where = f"strategy.{key}"
         if key in SAMPLING:
             raise StrategyError(f"{where}: set by federation.num_clients / clients_per_round / "
                                 f"fraction_evaluate, not by the strategy section")
+        if key in TRAINING:
+            raise StrategyError(f"{where}: set by train.{key}, not by the strategy section")
         if key in FIXED:
             raise StrategyError(f"{where}: fixed by Pollen's message format")
         if key not in settable:
@@ -125,20 +130,33 @@ def check_params(name: str, params: Mapping[str, Any]) -> dict[str, Any]:
     return checked
 
 
-def make_strategy(name: str, codec: Codec, params: Mapping[str, Any] | None = None,
-                  downlink: Broadcast | None = None, server: ServerMomentum | None = None,
-                  **sampling) -> CompressedUpdates:
-    """``make_strategy("fedadam", TopK(0.01), {"eta": 0.01}, fraction_train=0.1)`` -> wrapped strategy.
-
-    ``params`` are the user's (checked); ``sampling`` are Pollen's own settings.
-    """
-    cls = resolve_strategy(name)
-    settings = check_params(name, params or {})
+def make_strategy(config: Config) -> Strategy:
+    """The strategy ``config`` names, built with its ``strategy:`` settings and Pollen's sampling."""
+    fed = config.federation
+    cls = resolve_strategy(fed.strategy)
+    settings = check_params(fed.strategy, config.strategy.settings)
+    sampling = {
+        "fraction_train": fed.clients_per_round / fed.num_clients,
+        "min_train_nodes": fed.clients_per_round,
+        "min_available_nodes": fed.clients_per_round,
+        "fraction_evaluate": fed.fraction_evaluate,
+        "min_evaluate_nodes": max(1, round(fed.fraction_evaluate * fed.num_clients)),
+    }
+    training = {key: getattr(config.train, key) for key in TRAINING if key in strategy_parameters(cls)}
     try:
-        inner = cls(**sampling, **settings)
+        return cls(**sampling, **training, **settings)
     except (TypeError, ValueError) as error:  # a value the strategy itself refuses
-        raise StrategyError(f"strategy: {name} rejected {settings}: {error}") from error
-    return CompressedUpdates(inner, codec, downlink, server)
+        raise StrategyError(f"strategy: {fed.strategy} rejected {settings}: {error}") from error
+
+
+def has_server_optimizer(strategy: Strategy) -> bool:
+    """True for FedAvgM, FedAdam, FedYogi, FedAdagrad (and subclasses, such as a plug-in's)."""
+    return isinstance(strategy, SERVER_OPTIMIZERS)
+
+
+def takes_sparse_deltas(strategy: Strategy) -> bool:
+    """True for strategies that read replies as sparse deltas (strategies/sparse_deltas.py)."""
+    return bool(getattr(strategy, "takes_sparse_deltas", False))
 
 
 def check_strategy(config: Config) -> None:
@@ -174,8 +192,7 @@ def _strategy_class(obj: Any, where: str) -> type[Strategy]:
 
 
 __all__ = [
-    "CompressedUpdates", "ENTRY_POINT_GROUP", "FedNova", "RoundTraffic", "STRATEGIES", "ServerMomentum",
-    "SparseFedAvg",
-    "SparseMedian", "SparseTrimmedMean", "StrategyError", "check_params", "check_strategy",
-    "make_strategy", "resolve_strategy", "strategy_parameters",
+    "ENTRY_POINT_GROUP", "FedNova", "STRATEGIES", "SparseFedAvg", "SparseMedian", "SparseTrimmedMean",
+    "StrategyError", "check_params", "check_strategy", "has_server_optimizer", "make_strategy",
+    "resolve_strategy", "strategy_parameters", "takes_sparse_deltas",
 ]

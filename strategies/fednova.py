@@ -9,22 +9,19 @@ per-step updates with data weights p_i, and rescales by tau_eff = sum_i p_i tau_
 
     w <- w + tau_eff * sum_i p_i (w_i - w) / tau_i
 
-tau_i is derived from what the server asked for (``local-epochs`` x
-ceil(``num-examples`` / ``batch-size``)), so clients need no extra reporting. With
+tau_i is derived from the run's training settings (``train.local_epochs`` x
+ceil(``num-examples`` / ``train.batch_size``)), so clients need no extra reporting. With
 equal step counts it is FedAvg.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from logging import INFO
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
-from flwr.common.logger import log
-from flwr.serverapp import Grid
-from flwr.serverapp.exception import AggregationError
+from flwr.app import RecordDict
+from flwr.common import log
 
 from pollen.strategies.step_aggregation import StepAggregation, flatten
 
@@ -32,24 +29,14 @@ from pollen.strategies.step_aggregation import StepAggregation, flatten
 class FedNova(StepAggregation):
     """FedAvg with each client's update normalized by its local step count."""
 
-    def __init__(self, **settings) -> None:
+    def __init__(self, *, local_epochs: int, batch_size: int, **settings) -> None:
         super().__init__(**settings)
-        self.local_epochs = 0
-        self.batch_size = 0
+        self.local_epochs = local_epochs
+        self.batch_size = batch_size
 
     def summary(self) -> None:
         log(INFO, "\t├──> FedNova: updates normalized by local-epochs x ceil(num-examples / batch-size)")
         super().summary()
-
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        missing = [key for key in ("local-epochs", "batch-size") if key not in config]
-        if missing:
-            raise AggregationError(f"FedNova needs {', '.join(missing)} in the train config "
-                                   "to count each client's local steps")
-        self.local_epochs = int(config["local-epochs"])
-        self.batch_size = int(config["batch-size"])
-        return super().configure_train(server_round, arrays, config, grid)
 
     def local_steps(self, num_examples: float) -> int:
         return self.local_epochs * math.ceil(num_examples / self.batch_size)

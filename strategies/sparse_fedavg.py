@@ -18,7 +18,7 @@ from __future__ import annotations
 from logging import INFO
 
 import numpy as np
-from flwr.common.logger import log
+from flwr.common import log
 
 from pollen.strategies.sparse_deltas import SparseDeltaAggregation
 

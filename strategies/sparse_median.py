@@ -14,7 +14,7 @@ from __future__ import annotations
 from logging import INFO
 
 import numpy as np
-from flwr.common.logger import log
+from flwr.common import log
 
 from pollen.strategies.sparse_deltas import SparseDeltaAggregation, grouped_by_coordinate
 

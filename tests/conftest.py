@@ -1,7 +1,7 @@
 # Importing pollen first sets Flower's offline switches before any test imports flwr.
 import pollen  # noqa: F401
 import pytest  # noqa: E402
-from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+from pollen.flower_internals import TaskIdentity  # noqa: E402
 
 
 @pytest.fixture

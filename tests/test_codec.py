@@ -11,8 +11,6 @@ from pollen.codec import (
     CodecError,
     Identity,
     TopK,
-    codec_from_config,
-    codec_to_config,
     decode,
     dense_wire_bytes,
     encode,
@@ -316,13 +314,6 @@ def test_one_percent_update_is_over_100x_smaller_on_the_wire():
     assert dense / compressed >= 100
     index_bits = 8 * compressed / 2000 - 8  # bytes per kept value minus its 8-bit value
     assert index_bits < 12  # gap coded: an int32 index would cost 32
-
-
-def test_codec_settings_round_trip_through_config():
-    for codec in (Identity(), TopK(density=0.02, bits=4), TopK(select="salience")):
-        assert codec_from_config(codec_to_config(codec)) == codec
-    with pytest.raises(CodecError, match="unknown codec"):
-        codec_from_config({"codec.name": "gzip"})
 
 
 def test_dense_wire_bytes_depend_only_on_the_layout():

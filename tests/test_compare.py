@@ -8,7 +8,7 @@ import torch
 
 from pollen.cli import main
 from pollen.config import ConfigError, load_config
-from pollen.server.records import RoundRecord
+from pollen.run_folder import RoundRecord
 from pollen.simulations.compare import FILES, RunResult, load_compare, summarize
 
 TINY = Path("simulations/configs/tiny.yaml").resolve()

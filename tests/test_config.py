@@ -1,7 +1,8 @@
 import pytest
 
-from pollen.codec import TopK, codec_from_config
-from pollen.config import ConfigError, load_config, to_flat
+from pollen.codec import Identity, TopK
+from pollen.config import (Config, ConfigError, config_from_run_config, differences, load_config, run_config_of,
+                           save_config, to_dict)
 
 
 def test_default_yaml_restates_the_built_in_defaults():
@@ -11,11 +12,46 @@ def test_default_yaml_restates_the_built_in_defaults():
 def test_codec_settings_reach_the_codec():
     config = load_config(overrides=["codec.bits=4", "codec.block=32", "codec.scope=model",
                                     "codec.stochastic=true", "codec.density=0.05", "codec.select=salience"])
-    assert codec_from_config(to_flat(config)) == TopK(density=0.05, bits=4, block=32, scope="model",
-                                                      stochastic=True, select="salience")
+    assert config.codec.build() == TopK(density=0.05, bits=4, block=32, scope="model",
+                                        stochastic=True, select="salience")
+    assert load_config(overrides=["codec.name=identity"]).codec.build() == Identity()
+    assert load_config(overrides=["downlink.density=0.1", "downlink.bits=4"]).downlink.build() == \
+        TopK(density=0.1, bits=4)
+    assert load_config(overrides=["downlink.name=identity"]).downlink.build() is None
+
+
+def test_a_config_survives_its_yaml_file_and_flowers_run_config(tmp_path):
+    config = load_config(overrides=["federation.rounds=3", "strategy.eta=0.01", "strategy.tau=0.001",
+                                    "federation.strategy=fedadam", "codec.stochastic=true"])
+    save_config(config, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == config
+    flat = run_config_of(config)
+    assert all(isinstance(value, (str, int, float, bool)) for value in flat.values())
+    assert flat["federation.rounds"] == 3 and flat["strategy"] == "{eta: 0.01, tau: 0.001}"
+    assert config_from_run_config(flat) == config
+    assert config_from_run_config({"federation.rounds": 3}) == load_config(overrides=["federation.rounds=3"])
+    assert to_dict(Config())["strategy"] == {}
+
+
+def test_differences_name_the_keys_that_differ():
+    base = load_config()
+    other = load_config(overrides=["train.lr=0.5", "strategy.eta=0.1"])
+    assert differences(base, other) == ["strategy", "train.lr"]
+    assert differences(base, load_config()) == []
+
+
+@pytest.mark.parametrize("run_config, named", [
+    ({"federation.roundz": 3}, "federation.roundz"),
+    ({"strategy": "{eta: [1, 2]}"}, "strategy.eta"),
+    ({"strategy": "{eta: 0.1"}, "strategy"),
+])
+def test_a_bad_flower_run_config_is_named(run_config, named):
+    with pytest.raises(ConfigError, match=named):
+        config_from_run_config(run_config)
 
 
 @pytest.mark.parametrize("override, named", [
+    ("codec.name=gzip", "codec.name"),
     ("codec.bits=0", "codec.bits"),
     ("codec.scope=layer", "codec.scope"),
     ("codec.block=-1", "codec.block"),

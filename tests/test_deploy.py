@@ -1,14 +1,12 @@
 """End to end on loopback: a real SuperLink and real SuperNodes, TLS and node authentication.
 
 Everything listens on 127.0.0.1 on free ports; every process is started in its own
-session and stopped by its process-group id in ``finally``, whatever the outcome.
+session and stopped by PID in ``finally``, whatever the outcome.
 """
 
 from __future__ import annotations
 
-import socket
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,17 +15,12 @@ import pytest
 from pollen.client.device import DeviceError, device_number, supernode_command
 from pollen.certs import make_certificates
 from pollen.config import load_config
-from pollen.server.deploy import Deployment, DeploymentError, Process, flower_env, superlink_command, write_app
-from pollen.server.records import read_records
+from pollen.flower_processes import SUPERLINK_LOG, ProcessTree, free_port, offline_env
+from pollen.run_folder import RunFolder
+from pollen.server.deploy import Deployment, DeploymentError, superlink_command
 
 TINY = Path(__file__).resolve().parents[1] / "simulations" / "configs" / "tiny.yaml"
 WAIT = 600  # seconds: a bound on every wait, generous for a loaded 2-core machine
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def device_data(folder: Path, devices: int) -> list[Path]:
@@ -43,10 +36,10 @@ def device_data(folder: Path, devices: int) -> list[Path]:
     return paths
 
 
-def pollen_client(tmp: Path, name: str, port: int, ca: Path, key: Path, data: Path) -> Process:
+def pollen_client(tmp: Path, name: str, port: int, ca: Path, key: Path, data: Path) -> ProcessTree:
     command = [sys.executable, "-m", "pollen.cli", "client", "--server", f"127.0.0.1:{port}",
                "--ca", str(ca), "--key", str(key), "--data", str(data), "--local-port", str(free_port())]
-    return Process.start(name, command, tmp / "logs" / f"{name}.log", flower_env(tmp / name), cwd=tmp)
+    return ProcessTree.start(command, tmp / "logs" / f"{name}.log", offline_env(tmp / name), cwd=tmp)
 
 
 def test_two_devices_finish_two_rounds_and_an_unregistered_key_is_refused(tmp_path):
@@ -56,7 +49,7 @@ def test_two_devices_finish_two_rounds_and_an_unregistered_key_is_refused(tmp_pa
     config = load_config(TINY, ["federation.rounds=2", "federation.num_clients=2",
                                 "federation.clients_per_round=2", "train.local_epochs=1"])
     port = free_port()
-    processes: list[Process] = []
+    processes: list[ProcessTree] = []
     deployment = Deployment(config, tmp_path / "run", certs.folder, host="127.0.0.1", port=port)
     try:
         deployment.start()
@@ -69,12 +62,13 @@ def test_two_devices_finish_two_rounds_and_an_unregistered_key_is_refused(tmp_pa
         processes.append(intruder)
         status = deployment.wait(timeout=WAIT)
 
-        records = read_records(deployment.folder)
+        run = RunFolder(deployment.folder)
+        records = run.records()
         assert [r.round for r in records] == [0, 1, 2]
         assert all(r.clients == 2 and r.failed == 0 and r.rejected == 0 for r in records[1:])
         assert all(r.uplink_bytes > 0 and r.downlink_bytes > 0 for r in records[1:])
         assert status["network-traffic"]["total-bytes"] > 0
-        assert (deployment.folder / "checkpoint.pt").is_file()
+        assert run.checkpoint.is_file() and (run.logs / SUPERLINK_LOG).is_file()
         # The intruder never became a node: the SuperLink turned its key away and it gave up.
         assert intruder.popen.wait(timeout=WAIT) != 0
         assert "Failed to activate SuperNode" in intruder.tail(400)
@@ -83,7 +77,7 @@ def test_two_devices_finish_two_rounds_and_an_unregistered_key_is_refused(tmp_pa
         for process in processes:
             process.stop()
         deployment.stop()
-    assert not any(p.running() for p in [*processes, deployment.superlink])
+    assert not any(p.running() or p.alive() for p in [*processes, deployment.superlink])
 
 
 def test_superlink_command_has_tls_and_node_auth_unless_insecure(tmp_path):
@@ -98,17 +92,21 @@ def test_superlink_command_has_tls_and_node_auth_unless_insecure(tmp_path):
 def test_the_app_carries_the_whole_run_config(tmp_path):
     import tomllib
 
-    from pollen.config import from_flat, to_flat
+    from flwr.cli.config_utils import load_and_validate
+    from flwr.common.config import flatten_dict
+
+    from pollen.config import config_from_run_config, run_config_of
+    from pollen.flower_processes import write_app
+    from pollen.server.deploy import CLIENTAPP, SERVERAPP
 
     config = load_config(TINY, ["federation.rounds=7", "strategy.eta=0.1", "federation.strategy=fedadam"])
-    app = write_app(tmp_path, config)
+    app = write_app(tmp_path / "app", SERVERAPP, CLIENTAPP, run_config_of(config))
+    load_and_validate(app / "pyproject.toml")  # the components import
     project = tomllib.loads((app / "pyproject.toml").read_text())
     assert project["tool"]["flwr"]["app"]["components"] == {"serverapp": "pollen.server.app:app",
                                                             "clientapp": "pollen.client.app:app"}
-    from flwr.common.config import flatten_dict
-
     run_config = flatten_dict(project["tool"]["flwr"]["app"]["config"])
-    assert from_flat(run_config) == config and run_config == to_flat(config)
+    assert config_from_run_config(run_config) == config and run_config == run_config_of(config)
 
 
 def test_deployment_refuses_missing_certificates_or_a_certificate_for_another_host(tmp_path):

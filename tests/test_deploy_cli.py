@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
 import pytest
 
 from pollen.cli import main
@@ -40,3 +46,48 @@ def test_server_needs_certificates_or_an_explicit_insecure(tmp_path, capsys):
 
 def test_export_names_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert "no config.yaml" in exit_message(capsys, ["export", str(tmp_path)])
+
+
+def test_client_becomes_an_offline_supernode_without_importing_the_server(tmp_path):
+    from pollen.flower_processes import OFFLINE
+
+    data = tmp_path / "d.npz"
+    np.savez(data, images=np.zeros((4, 8, 8), np.uint8), labels=np.arange(4))
+    # os.execvpe replaced: report what would run, with which environment, and what was imported.
+    code = f"""
+import json, os, sys
+def report(path, command, env):
+    print(json.dumps({{"command": command, "env": env,
+                      "server": sorted(m for m in sys.modules if m.startswith("pollen.server"))}}))
+    sys.exit(0)
+os.execvpe = report
+from pollen.cli import main
+main(["client", "--server", "127.0.0.1:1", "--insecure", "--data", {str(data)!r}])
+"""
+    env = {k: v for k, v in os.environ.items() if k not in OFFLINE}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert report["server"] == []
+    assert report["command"][0].endswith("flower-supernode") and "--insecure" in report["command"]
+    assert {name: report["env"][name] for name in OFFLINE} == OFFLINE
+
+
+def test_server_resume_goes_on_in_the_run_folder_with_its_saved_config(tmp_path, monkeypatch):
+    from pollen.config import load_config
+    from pollen.run_folder import RunFolder
+    from pollen.server import deploy
+
+    run = RunFolder(tmp_path / "run")
+    run.write_config(load_config(None, ["federation.rounds=3"]))
+    seen = {}
+
+    class Refused(deploy.Deployment):
+        def start(self, timeout: float = 60.0) -> None:
+            seen.update(config=self.config, folder=self.folder, resume=self.resume)
+            raise deploy.DeploymentError("not started in this test")
+
+    monkeypatch.setattr(deploy, "Deployment", Refused)
+    assert main(["server", "--resume", str(run.path), "--insecure", "--set", "federation.rounds=5"]) == 1
+    assert seen["folder"] == run.path.resolve() and seen["resume"] is True
+    assert seen["config"] == run.read_config(["federation.rounds=5"])

@@ -4,13 +4,14 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common.constant import ErrorCode
+from pollen.flower_internals import ErrorCode
 
 from pollen.codec import wire_bytes
 from pollen.config import ConfigError, load_config
 from pollen.simulations.devices import DeviceGrid, DevicePopulation, device_grid, load_profiles
 from pollen.simulations.inprocess import InProcessGrid
-from pollen.simulations.run import PARTICIPANTS, simulate
+from pollen.run_folder import RunFolder
+from pollen.simulations.run import simulate
 
 TINY = "simulations/configs/tiny.yaml"
 EXAMPLES = 50  # every stub client trains on this many examples
@@ -39,9 +40,9 @@ def profile(**changes):
             "downlink_mbps": 8.0, "availability": 1.0, "dropout": 0.0, **changes}
 
 
-def train_round(grid, node_ids, server_round=1, epochs=2):
+def train_round(grid, node_ids, server_round=1):
     content = RecordDict({"arrays": ArrayRecord({"w": Array(np.zeros(500, np.float32))}),
-                          "config": ConfigRecord({"server-round": server_round, "local-epochs": epochs})})
+                          "config": ConfigRecord({"server-round": server_round})})
     messages = [Message(content, node, "train") for node in node_ids]
     return messages, list(grid.send_and_receive(messages))
 
@@ -62,8 +63,10 @@ def test_profiles_load_and_bad_values_name_the_key(tmp_path):
         load_profiles(fleet_file(tmp_path, profile(), examples_per_second=-1))
     with pytest.raises(ConfigError, match="not found"):
         load_profiles(tmp_path / "missing.yaml")
-    with pytest.raises(ConfigError, match="simulation.devices"):
-        load_config(TINY, ["simulation.devices=no/such/fleet.yaml"])
+    # The file is read where the fleet is built, before any model loads (a device never reads it).
+    config = load_config(TINY, ["simulation.devices=no/such/fleet.yaml"])
+    with pytest.raises(ConfigError, match="simulation.devices: file not found"):
+        simulate(config, RunFolder(tmp_path / "run"))
 
 
 def test_profiles_are_drawn_per_client_by_share_with_the_seed(tmp_path):
@@ -77,18 +80,18 @@ def test_profiles_are_drawn_per_client_by_share_with_the_seed(tmp_path):
 
 def test_only_online_clients_are_offered_for_sampling(tmp_path, inner):
     fleet = load_profiles(fleet_file(tmp_path, profile(availability=0.3)))
-    grid = DeviceGrid(inner, DevicePopulation(fleet, 200, 0), seed=0)
+    grid = DeviceGrid(inner, DevicePopulation(fleet, 200, 0), seed=0, local_epochs=2)
     first, second = grid.get_node_ids(), grid.get_node_ids()
     assert 30 < len(first) < 90 and first != second  # a fresh draw per moment
-    again = DeviceGrid(inner, DevicePopulation(fleet, 200, 0), seed=0)
+    again = DeviceGrid(inner, DevicePopulation(fleet, 200, 0), seed=0, local_epochs=2)
     assert again.get_node_ids() == first
-    assert DeviceGrid(inner, None, seed=0).get_node_ids() == list(range(1, 201))
+    assert DeviceGrid(inner, None, seed=0, local_epochs=2).get_node_ids() == list(range(1, 201))
 
 
 def test_the_clock_adds_downlink_compute_and_uplink_time(tmp_path, inner):
     fleet = load_profiles(fleet_file(tmp_path, profile(compute_speed=0.5, uplink_mbps=2.0, downlink_mbps=4.0)))
-    grid = DeviceGrid(inner, DevicePopulation(fleet, 200, 0), seed=0)
-    messages, replies = train_round(grid, [3, 9], epochs=2)
+    grid = DeviceGrid(inner, DevicePopulation(fleet, 200, 0), seed=0, local_epochs=2)
+    messages, replies = train_round(grid, [3, 9])
     assert not any(r.has_error() for r in replies)
     down = wire_bytes(messages[0].content["arrays"]) / (4e6 / 8)
     compute = EXAMPLES * 2 / (100 * 0.5)
@@ -102,7 +105,7 @@ def test_stragglers_miss_the_deadline_and_the_round_keeps_the_rest(tmp_path):
     slow, fast = profile(name="slow", uplink_mbps=0.001), profile(name="fast", uplink_mbps=100.0)
     fleet = load_profiles(fleet_file(tmp_path, slow, fast))
     population = DevicePopulation(fleet, 200, 0)
-    grid = DeviceGrid(InProcessGrid(stub, 200, {}), population, seed=0, deadline_seconds=5.0)
+    grid = DeviceGrid(InProcessGrid(stub, 200, {}), population, seed=0, local_epochs=2, deadline_seconds=5.0)
     nodes = list(range(1, 21))
     _, replies = train_round(grid, nodes)
     late = [n for n in nodes if population.profile(n).name == "slow"]
@@ -119,7 +122,8 @@ def test_dropouts_never_reach_the_client_and_reply_node_unavailable(tmp_path):
     deliver = inner.deliver
     inner.deliver = lambda message: delivered.append(message.metadata.dst_node_id) or deliver(message)
     fleet = load_profiles(fleet_file(tmp_path, profile(dropout=0.5)))
-    grid = DeviceGrid(inner, DevicePopulation(fleet, 200, 0), seed=0, log_path=tmp_path / "log.jsonl")
+    grid = DeviceGrid(inner, DevicePopulation(fleet, 200, 0), seed=0, local_epochs=2,
+                      log_path=tmp_path / "log.jsonl")
     nodes = list(range(1, 41))
     _, replies = train_round(grid, nodes)
     dropped = [r.metadata.src_node_id for r in replies if r.has_error()]
@@ -133,7 +137,7 @@ def test_dropouts_never_reach_the_client_and_reply_node_unavailable(tmp_path):
 def test_a_fleet_that_cannot_fill_a_round_is_refused(tmp_path, inner):
     path = fleet_file(tmp_path, profile(availability=0.01))
     with pytest.raises(ConfigError, match="clients_per_round"):
-        device_grid(inner, 200, 0, str(path), 0.0, min_online=10)
+        device_grid(inner, 200, 0, str(path), 0.0, min_online=10, local_epochs=2)
 
 
 def test_a_heterogeneous_federation_aggregates_what_came_back_in_time(tmp_path):
@@ -141,8 +145,8 @@ def test_a_heterogeneous_federation_aggregates_what_came_back_in_time(tmp_path):
                        profile(name="fast", share=0.7, uplink_mbps=50.0, availability=0.8, dropout=0.2))
     config = load_config(TINY, [f"simulation.devices={fleet}", "simulation.deadline_seconds=30",
                                 "federation.rounds=2", "federation.num_clients=20"])
-    folder, records = simulate(config, tmp_path / "run")
-    participants = [json.loads(line) for line in (folder / PARTICIPANTS).read_text().splitlines()]
+    folder, records = simulate(config, RunFolder(tmp_path / "run"))
+    participants = [json.loads(line) for line in folder.participants.read_text().splitlines()]
     assert records[0].simulated_seconds == 0.0
     for entry, seen in zip(records[1:], participants):
         assert len(seen["sampled"]) == config.federation.clients_per_round  # Flower's minimum held
@@ -152,12 +156,12 @@ def test_a_heterogeneous_federation_aggregates_what_came_back_in_time(tmp_path):
     assert sum(r.stragglers for r in records) > 0 and sum(r.dropouts for r in records) > 0
     clock = [r.simulated_seconds for r in records]
     assert clock == sorted(clock) and clock[-1] == pytest.approx(sum(r.simulated_round_seconds for r in records[1:]))
-    _, again = simulate(config, tmp_path / "again")
+    _, again = simulate(config, RunFolder(tmp_path / "again"))
     assert [r.simulated_seconds for r in again] == clock  # the same seed, the same fleet and clock
 
 
 def test_evaluate_messages_and_the_run_pass_straight_through(inner):
-    grid = DeviceGrid(inner, None, seed=0)
+    grid = DeviceGrid(inner, None, seed=0, local_epochs=2)
     assert grid.run is inner.run
     message = grid.create_message(RecordDict(), "evaluate", 5, "1")
     (reply,) = grid.send_and_receive([message])

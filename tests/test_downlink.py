@@ -3,12 +3,13 @@
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
 
 from pollen.client.global_copy import GlobalCopy
 from pollen.codec import Identity, TopK, encode, wire_bytes
 from pollen.downlink import FULL, DownlinkError, arrays_crc, chain_message, full_message, rebuild
-from pollen.strategies import make_strategy
 from pollen.server.broadcast import Broadcast
+from strategy_replies import pollen_round, pollen_state, sampling
 
 rng = np.random.default_rng(3)
 INITIAL = {"w": rng.normal(size=(40, 50)).astype(np.float32), "b": rng.normal(size=(50,)).astype(np.float32)}
@@ -44,7 +45,7 @@ def reply_to(message, ok=True):
 
 
 def send(broadcast, nodes, arrays):
-    messages = [Message(RecordDict({"arrays": as_record(arrays), "config": ConfigRecord({"lr": 0.1})}),
+    messages = [Message(RecordDict({"arrays": as_record(arrays), "config": ConfigRecord({"server-round": 1})}),
                         node, "train") for node in nodes]
     return broadcast.address(messages, as_record(arrays))
 
@@ -60,19 +61,19 @@ def test_steps_rebuild_the_global_arrays_exactly_and_lose_nothing():
     (message,) = send(broadcast, [1], {k: v.numpy() for k, v in current.items()})
     assert message.content["config"]["downlink.kind"] == "chain"
     assert list(message.content["arrays"]) == ["step-1", "step-2", "step-3", "step-4"]
-    client = GlobalCopy(RecordDict(), lambda: INITIAL)
+    client = GlobalCopy(RecordDict(), lambda: INITIAL, broadcast.codec)
     rebuilt = client.receive(message.content["arrays"], message.content["config"])
     for k in INITIAL:
         assert np.array_equal(rebuilt[k], current[k].numpy())
         # sent steps + what the server still holds back == everything the strategy proposed
         np.testing.assert_allclose(current[k].numpy() - INITIAL[k] + broadcast._residual[k],
                                    proposed_total[k], atol=1e-5)
-    assert message.content["config"]["lr"] == 0.1  # the round's settings still travel
+    assert message.content["config"]["server-round"] == 1  # the round's settings still travel
 
 
 def test_a_client_that_replied_gets_only_the_new_steps():
     broadcast = Broadcast(TopK(density=1.0), INITIAL)
-    client = GlobalCopy(RecordDict(), lambda: INITIAL)
+    client = GlobalCopy(RecordDict(), lambda: INITIAL, broadcast.codec)
     current = as_record(INITIAL)
     for round_ in range(3):
         current = broadcast.advance(current, as_record(nudged({k: v.numpy() for k, v in current.items()})))
@@ -94,8 +95,8 @@ def test_unknown_or_far_behind_clients_get_the_full_arrays_at_8_bits():
     unknown, behind = send(broadcast, [2, 3], {k: v.numpy() for k, v in current.items()})
     for message in (unknown, behind):
         assert message.content["config"]["downlink.kind"] == "full"
-        rebuilt = GlobalCopy(RecordDict(), lambda: INITIAL).receive(message.content["arrays"],
-                                                                    message.content["config"])
+        rebuilt = GlobalCopy(RecordDict(), lambda: INITIAL, broadcast.codec).receive(
+            message.content["arrays"], message.content["config"])
         for k in INITIAL:
             step = np.abs(current[k].numpy()).max() / 127
             assert np.abs(rebuilt[k] - current[k].numpy()).max() <= step
@@ -106,52 +107,48 @@ def test_unknown_or_far_behind_clients_get_the_full_arrays_at_8_bits():
 def test_client_refuses_steps_that_do_not_fit_what_it_holds():
     broadcast = Broadcast(TopK(density=1.0), INITIAL)
     current = broadcast.advance(as_record(INITIAL), as_record(nudged(INITIAL)))
-    record, config = chain_message(broadcast.steps, 0, 1, broadcast.codec, arrays_crc(INITIAL))
+    record, config = chain_message(broadcast.steps, 0, 1, arrays_crc(INITIAL))
+    codec = broadcast.codec
     other_start = {k: v + 1 for k, v in INITIAL.items()}
     with pytest.raises(DownlinkError, match="initial arrays differ"):
-        rebuild(record, config, LAYOUT, other_start, 0)
+        rebuild(record, config, LAYOUT, codec, other_start, 0)
     with pytest.raises(DownlinkError, match="from version 0, this client holds version 1"):
-        rebuild(record, config, LAYOUT, INITIAL, 1)
+        rebuild(record, config, LAYOUT, codec, INITIAL, 1)
     with pytest.raises(DownlinkError, match="expected arrays"):
-        rebuild(ArrayRecord(), config, LAYOUT, INITIAL, 0)
+        rebuild(ArrayRecord(), config, LAYOUT, codec, INITIAL, 0)
     with pytest.raises(DownlinkError, match="bad downlink payload"):
-        rebuild(record, config, {"w": (40, 50)}, INITIAL, 0)
+        rebuild(record, config, {"w": (40, 50)}, codec, INITIAL, 0)
     with pytest.raises(DownlinkError, match="unknown downlink kind"):
-        rebuild(record, {**config, "downlink.kind": "zip"}, LAYOUT, INITIAL, 0)
+        rebuild(record, {**config, "downlink.kind": "zip"}, LAYOUT, codec, INITIAL, 0)
     with pytest.raises(DownlinkError, match="downlink.version"):
-        rebuild(record, {**config, "downlink.version": -1}, LAYOUT, INITIAL, 0)
-    assert np.array_equal(rebuild(record, config, LAYOUT, INITIAL, 0)[0]["w"], current["w"].numpy())
+        rebuild(record, {**config, "downlink.version": -1}, LAYOUT, codec, INITIAL, 0)
+    assert np.array_equal(rebuild(record, config, LAYOUT, codec, INITIAL, 0)[0]["w"], current["w"].numpy())
 
 
 def test_full_message_round_trip():
     record, config = full_message(INITIAL, 7)
-    arrays, version = rebuild(record, config, LAYOUT, None, None)
+    arrays, version = rebuild(record, config, LAYOUT, TopK(density=1.0), None, None)
     assert version == 7
     np.testing.assert_allclose(arrays["w"], INITIAL["w"], atol=np.abs(INITIAL["w"]).max() / 127)
     assert FULL.bits == 8
 
 
 def test_dense_global_arrays_are_checked_by_the_client():
-    client = GlobalCopy(RecordDict(), lambda: INITIAL)
+    client = GlobalCopy(RecordDict(), lambda: INITIAL, TopK(density=1.0))
     assert np.array_equal(client.receive(as_record(INITIAL), {})["b"], INITIAL["b"])
     with pytest.raises(DownlinkError, match="bad global arrays"):
         client.receive(as_record({"w": INITIAL["w"]}), {})
     assert client.held()[1] == 0  # nothing kept from dense messages
 
 
-def test_wrapped_strategy_sends_steps_and_counts_the_smaller_downlink():
-    dense = make_strategy("fedavg", Identity(), min_available_nodes=4, min_train_nodes=4)
-    sparse = make_strategy("fedavg", Identity(), downlink=Broadcast(TopK(density=0.1), INITIAL),
-                           min_available_nodes=4, min_train_nodes=4)
-    for strategy in (dense, sparse):
-        current = as_record(INITIAL)
+def test_the_round_sends_steps_and_counts_the_smaller_downlink():
+    outcomes = {}
+    for downlink in (None, TopK(density=0.1)):
+        state = pollen_state(FedAvg(**sampling(4)), INITIAL, downlink=downlink)
         for server_round in (1, 2):
-            messages = list(strategy.configure_train(server_round, current, ConfigRecord({"lr": 0.1}), FixedGrid()))
             deltas = [{k: (0.01 * rng.normal(size=v.shape)).astype(np.float32) for k, v in INITIAL.items()}
-                      for _ in messages]
-            replies = [Message(RecordDict({"arrays": encode(d, Identity()), "metrics": MetricRecord(
-                {"num-examples": 5, "train-loss": 1.0, "train-seconds": 0.1})}), reply_to=m)
-                for m, d in zip(messages, deltas)]
-            current, _ = strategy.aggregate_train(server_round, replies)
-    assert sparse.traffic[2].downlink < dense.traffic[2].downlink / 5
-    assert sparse.downlink.version == 2 and set(sparse.downlink.node_versions.values()) == {1}
+                      for _ in NODES]
+            outcomes[downlink] = pollen_round(state, deltas, [5] * 4, server_round=server_round)
+        if downlink is not None:
+            assert state.broadcast.version == 2 and set(state.broadcast.node_versions.values()) == {1}
+    assert outcomes[TopK(density=0.1)].traffic.downlink < outcomes[None].traffic.downlink / 5

@@ -8,12 +8,11 @@ import numpy as np
 import onnx
 import pytest
 import torch
-import yaml
 
-from pollen.config import load_config, to_flat
+from pollen.config import load_config, save_config
 from pollen.data import load_dataset
 from pollen.models import build_model, initial_arrays
-from pollen.server.checkpoint import CHECKPOINT
+from pollen.run_folder import RunFolder
 from pollen.server.export import ExportError, export_run, merged_model, run_model
 
 TINY = Path(__file__).resolve().parents[1] / "simulations" / "configs" / "tiny.yaml"
@@ -24,10 +23,11 @@ def fine_tuned_run(folder: Path, *overrides: str) -> Path:
     config = load_config(TINY, list(overrides))
     rng = np.random.default_rng(0)
     arrays = {name: value + rng.normal(0, 0.05, value.shape).astype(np.float32)
-              for name, value in initial_arrays(config.model, 10, config.seed).items()}
-    folder.mkdir(parents=True)
-    (folder / "config.yaml").write_text(yaml.safe_dump(to_flat(config)))
-    torch.save({"round": 3, "arrays": {k: torch.from_numpy(v) for k, v in arrays.items()}}, folder / CHECKPOINT)
+              for name, value in initial_arrays(config.model, config.num_classes, config.seed).items()}
+    run = RunFolder(folder)
+    run.path.mkdir(parents=True)
+    save_config(config, run.config_path)
+    torch.save({"round": 3, "arrays": {k: torch.from_numpy(v) for k, v in arrays.items()}}, run.checkpoint)
     return folder
 
 

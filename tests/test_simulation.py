@@ -4,18 +4,19 @@ import json
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
-from flwr.common.constant import ErrorCode
+from pollen.flower_internals import ErrorCode
 
 from pollen.client.app import app as client_app
 from pollen.client.error_feedback import ErrorFeedback
-from pollen.codec import TopK, codec_to_config, decode, layout_of
-from pollen.config import load_config, to_flat
+from pollen.codec import decode, layout_of
+from pollen.config import load_config, run_config_of
 from pollen.data import partition
 from pollen.models import initial_arrays
-from pollen.server.records import read_records
+from pollen.run_folder import RunFolder
 from pollen.simulations.client_state import SpilledStates, client_states
 from pollen.simulations.inprocess import InProcessGrid
-from pollen.simulations.run import PLOT, simulate, simulated_federation
+from pollen.simulations.federation import simulated_federation
+from pollen.simulations.run import simulate
 
 TINY = "simulations/configs/tiny.yaml"
 
@@ -23,7 +24,7 @@ TINY = "simulations/configs/tiny.yaml"
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     config = load_config(TINY)
-    folder, records = simulate(config, tmp_path_factory.mktemp("tiny"))
+    folder, records = simulate(config, RunFolder(tmp_path_factory.mktemp("tiny")))
     return config, folder, records
 
 
@@ -36,11 +37,12 @@ def test_tiny_federation_learns(tiny_run):
 
 def test_run_record_plot_and_checkpoint_are_written(tiny_run):
     config, folder, records = tiny_run
-    assert read_records(folder) == records
-    lines = (folder / "rounds.jsonl").read_text().splitlines()
+    assert folder.records() == records
+    lines = (folder.path / "rounds.jsonl").read_text().splitlines()
     assert all("uplink_bytes" in json.loads(line) for line in lines)
-    assert (folder / PLOT).read_bytes()[:4] == b"\x89PNG"
-    assert (folder / "checkpoint.pt").stat().st_size > 0
+    assert (folder.path / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    assert (folder.path / "checkpoint.pt").stat().st_size > 0
+    assert load_config(folder.path / "config.yaml") == config
     for entry in records[1:]:
         assert entry.clients == config.federation.clients_per_round
         assert entry.uplink_bytes < entry.dense_uplink_bytes
@@ -49,7 +51,7 @@ def test_run_record_plot_and_checkpoint_are_written(tiny_run):
 
 def test_same_seed_same_run(tiny_run, tmp_path):
     config, _, records = tiny_run
-    _, again = simulate(config, tmp_path)
+    _, again = simulate(config, RunFolder(tmp_path))
     assert [r.accuracy for r in again] == [r.accuracy for r in records]
     assert [r.uplink_bytes for r in again] == [r.uplink_bytes for r in records]
 
@@ -59,31 +61,44 @@ def test_the_train_settings_reach_every_client_training(monkeypatch, tmp_path):
     seen = []
     real = pollen.client.app.train_locally
 
-    def spy(*args, **kwargs):
-        seen.append((kwargs["lr"], kwargs["batch_size"], kwargs["adam_eps"]))
-        return real(*args, **kwargs)
+    def spy(model, data, settings, **kwargs):
+        seen.append(settings)
+        return real(model, data, settings, **kwargs)
 
     monkeypatch.setattr(pollen.client.app, "train_locally", spy)
     config = load_config(TINY, ["federation.rounds=1", "train.lr=0.02", "train.batch_size=8",
-                                "train.adam_eps=0.05"])
-    simulate(config, tmp_path)
-    assert seen == [(0.02, 8, 0.05)] * config.federation.clients_per_round
+                                "train.adam_eps=0.05", "train.local_epochs=3", "train.weight_decay=0.01"])
+    simulate(config, RunFolder(tmp_path))
+    assert seen == [config.train] * config.federation.clients_per_round
 
 
-def train_message(grid, config, codec, server_round=1):
-    arrays = ArrayRecord({k: Array(v) for k, v in initial_arrays(config.model, 10, config.seed).items()})
-    content = RecordDict({"arrays": arrays, "config": ConfigRecord({
-        "lr": 0.01, "local-epochs": 1, "batch-size": 16, "server-round": server_round,
-        **codec_to_config(codec)})})
+def test_train_messages_carry_only_what_changes_per_round(tmp_path):
+    config = load_config(TINY, ["federation.rounds=1", "federation.strategy=fedprox", "strategy.proximal_mu=0.1"])
+    grid = InProcessGrid(client_app, config.federation.num_clients, run_config_of(config))
+    sent = []
+    deliver = grid.deliver
+    grid.deliver = lambda message: sent.append(message.content["config"]) or deliver(message)
+    simulated_federation(grid, config, RunFolder(tmp_path))
+    keys = {key for record in sent for key in record}
+    assert "server-round" in keys and "proximal-mu" in keys
+    assert not keys & {"lr", "local-epochs", "batch-size", "adam-eps", "weight-decay", "codec.name"}
+    assert keys <= {"server-round", "proximal-mu", "downlink.kind", "downlink.base", "downlink.version",
+                    "downlink.base-crc"}
+
+
+def train_message(grid, config, server_round=1):
+    arrays = ArrayRecord({k: Array(v) for k, v in initial_arrays(config.model, config.num_classes,
+                                                                 config.seed).items()})
+    content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round})})
     return arrays, grid.create_message(content, "train", 1, "1")
 
 
 @pytest.mark.parametrize("select", ["magnitude", "salience"])
 def test_client_replies_with_a_decodable_update_and_keeps_its_residual(select):
-    config = load_config(TINY)
-    grid = InProcessGrid(client_app, 3, to_flat(config))
-    codec = TopK(density=0.05, select=select)
-    arrays, message = train_message(grid, config, codec)
+    config = load_config(TINY, ["codec.density=0.05", f"codec.select={select}", "downlink.name=identity"])
+    grid = InProcessGrid(client_app, 3, run_config_of(config))
+    codec = config.codec.build()
+    arrays, message = train_message(grid, config)
     (reply,) = grid.send_and_receive([message])
     assert not reply.has_error()
     assert reply.metadata.src_node_id == 1
@@ -97,27 +112,27 @@ def test_client_replies_with_a_decodable_update_and_keeps_its_residual(select):
 
 
 def test_a_failing_client_becomes_an_error_reply_and_the_round_goes_on(tmp_path):
-    config = load_config(TINY)
-    grid = InProcessGrid(client_app, 3, to_flat(config))
-    _, good = train_message(grid, config, TopK())
-    _, bad = train_message(grid, config, TopK())
-    del bad.content["config"]["lr"]  # this client cannot train
-    _, absent = train_message(grid, config, TopK())
+    config = load_config(TINY, ["downlink.name=identity"])
+    grid = InProcessGrid(client_app, 3, run_config_of(config))
+    _, good = train_message(grid, config)
+    _, bad = train_message(grid, config)
+    bad.content["arrays"] = ArrayRecord({"nonsense": Array(np.zeros(3, np.float32))})  # cannot be loaded
+    _, absent = train_message(grid, config)
     absent.metadata.dst_node_id = 4  # no such node
     replies = grid.send_and_receive([good, bad, absent])
     assert [r.has_error() for r in replies] == [False, True, True]
-    assert "lr" in replies[1].error.reason
+    assert "nonsense" in replies[1].error.reason
     assert replies[2].error.code == ErrorCode.NODE_UNAVAILABLE and "4" in replies[2].error.reason
 
 
 def test_spilled_client_state_comes_back_bit_exact_and_leaves_nothing_behind():
-    config = load_config(TINY)
-    in_memory = InProcessGrid(client_app, 3, to_flat(config))
+    config = load_config(TINY, ["codec.density=0.05", "downlink.name=identity"])
+    in_memory = InProcessGrid(client_app, 3, run_config_of(config))
     states = SpilledStates()
-    spilled = InProcessGrid(client_app, 3, to_flat(config), states)
+    spilled = InProcessGrid(client_app, 3, run_config_of(config), states)
     for round_number in (1, 2):  # the second round adds the first round's residual
         for grid in (in_memory, spilled):
-            _, message = train_message(grid, config, TopK(density=0.05), round_number)
+            _, message = train_message(grid, config, round_number)
             (reply,) = grid.send_and_receive([message])
             assert not reply.has_error()
         kept = ErrorFeedback(in_memory.context(1).state).residual()
@@ -150,8 +165,8 @@ def test_a_large_population_keeps_state_only_for_sampled_clients(kind, tmp_path)
         "data.partition=sampled", "data.min_partition_size=12", f"simulation.client_state={kind}",
     ])
     states = client_states(kind)
-    grid = InProcessGrid(client_app, config.federation.num_clients, to_flat(config), states)
-    records = simulated_federation(grid, config, tmp_path)
+    grid = InProcessGrid(client_app, config.federation.num_clients, run_config_of(config), states)
+    records = simulated_federation(grid, config, RunFolder(tmp_path))
     participants = [json.loads(line) for line in (tmp_path / "participants.jsonl").read_text().splitlines()]
     sampled = {node for entry in participants for node in entry["sampled"]}
     assert [len(entry["sampled"]) for entry in participants] == [3, 3]
@@ -173,7 +188,7 @@ def test_pretrained_efficientnet_federation_runs_two_rounds(tmp_path):
         "model.image_size=32", "data.test_size=200", "federation.num_clients=20",
         "federation.clients_per_round=2", "federation.rounds=2", "codec.density=0.05",
     ])
-    _, records = simulate(config, tmp_path)
+    _, records = simulate(config, RunFolder(tmp_path))
     assert len(records) == 3
     assert all(r.clients == 2 and r.compression > 10 for r in records[1:])
     assert records[-1].loss < records[0].loss

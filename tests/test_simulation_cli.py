@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from pollen.cli import main
-from pollen.server.records import RoundRecord, read_records
-from pollen.simulations.report import plot_run, print_whole, round_line, round_table, time_to_accuracy
+from pollen.run_folder import RoundRecord, RunFolder
+from pollen.server.plot import plot_run
+from pollen.simulations.report import print_whole, round_line, round_table, time_to_accuracy
 
 TINY = "simulations/configs/tiny.yaml"
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,7 +59,7 @@ def test_simulate_with_devices_prints_simulated_time(tmp_path, capsys):
                  "simulation.devices=simulations/configs/devices-slow-uplink.yaml",
                  "--output", str(tmp_path)]) == 0
     assert "simulated device time" in capsys.readouterr().out
-    assert read_records(tmp_path)[-1].simulated_seconds > 0
+    assert RunFolder(tmp_path).records()[-1].simulated_seconds > 0
     assert (tmp_path / "participants.jsonl").read_text().count("sampled") == 1
 
 

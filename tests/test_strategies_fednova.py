@@ -2,11 +2,9 @@
 
 import numpy as np
 import pytest
-from flwr.serverapp.exception import AggregationError
 
-from pollen.codec import Identity
-from pollen.strategies import make_strategy
-from strategy_replies import configure, run_round, sampling
+from pollen.strategies import FedNova, StrategyError, check_params
+from strategy_replies import numpy_of, pollen_round, pollen_state, sampling, strategy_of
 
 BATCH, LR = 16, 0.01
 
@@ -21,16 +19,14 @@ def local_sgd(w: np.ndarray, optimum: np.ndarray, steps: int) -> np.ndarray:
 
 def federate(name: str, optima: np.ndarray, sizes: list[int], rounds: int) -> np.ndarray:
     """Clients with quadratic losses; one local epoch = ceil(size / BATCH) steps."""
-    strategy = make_strategy(name, Identity(), **sampling(len(sizes)))
-    w = {"w": np.zeros(optima.shape[1], np.float32)}
-    config = {"local-epochs": 1, "batch-size": BATCH}
+    strategy = strategy_of(name, len(sizes), overrides=["train.local_epochs=1", f"train.batch_size={BATCH}"])
+    state = pollen_state(strategy, {"w": np.zeros(optima.shape[1], np.float32)})
     for server_round in range(1, rounds + 1):
-        node_ids = [m.metadata.dst_node_id for m in configure(strategy, w, server_round, config, len(sizes))]
-        deltas = [{"w": (local_sgd(w["w"], optima[node - 1], -(-sizes[node - 1] // BATCH)) - w["w"])
-                   .astype(np.float32)} for node in node_ids]
-        w = run_round(strategy, w, deltas, [sizes[node - 1] for node in node_ids], Identity(),
-                      server_round=server_round, config=config)
-    return w["w"]
+        w = numpy_of(state.arrays)["w"]
+        deltas = [{"w": (local_sgd(w, optimum, -(-size // BATCH)) - w).astype(np.float32)}
+                  for optimum, size in zip(optima, sizes)]  # node k is client k - 1
+        pollen_round(state, deltas, sizes, server_round=server_round)
+    return numpy_of(state.arrays)["w"]
 
 
 def test_fednova_reaches_the_global_optimum_that_fedavg_misses():
@@ -54,7 +50,14 @@ def test_fednova_is_fedavg_when_step_counts_are_equal():
     np.testing.assert_allclose(fednova, fedavg, rtol=1e-5, atol=1e-6)
 
 
+def test_fednova_takes_the_local_step_settings_from_the_train_config():
+    strategy = strategy_of("fednova", overrides=["train.local_epochs=3", "train.batch_size=7"])
+    assert (strategy.local_epochs, strategy.batch_size) == (3, 7)
+    assert strategy.local_steps(15) == 3 * 3  # ceil(15 / 7) batches per epoch
+
+
 def test_fednova_needs_the_local_step_settings():
-    strategy = make_strategy("fednova", Identity(), **sampling(3))
-    with pytest.raises(AggregationError, match="local-epochs, batch-size"):
-        configure(strategy, {"w": np.zeros(3, np.float32)})
+    with pytest.raises(TypeError, match="'local_epochs' and 'batch_size'"):
+        FedNova(**sampling(3))
+    with pytest.raises(StrategyError, match="strategy.local_epochs: set by train.local_epochs"):
+        check_params("fednova", {"local_epochs": 3})

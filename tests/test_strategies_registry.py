@@ -10,24 +10,51 @@ from flwr.serverapp.strategy import FedAdam, FedAvg
 
 import pollen.strategies
 from pollen.cli import main
-from pollen.codec import Identity, TopK
 from pollen.config import ConfigError, load_config
-from pollen.strategies import (CompressedUpdates, StrategyError, check_params, check_strategy, make_strategy,
-                        resolve_strategy, strategy_parameters)
+from pollen.strategies import (STRATEGIES, StrategyError, check_params, check_strategy, has_server_optimizer,
+                               make_strategy, resolve_strategy, strategy_parameters, takes_sparse_deltas)
+from strategy_replies import TINY, config_of, strategy_of
 
-TINY = "simulations/configs/tiny.yaml"
+SERVER_OPTIMIZERS = ["fedavgm", "fedadam", "fedyogi", "fedadagrad"]
+SPARSE = ["sparse-fedavg", "sparse-median", "sparse-trimmed-mean"]
 
 
 def test_unknown_name_is_rejected_with_the_known_names():
     with pytest.raises(StrategyError, match="unknown strategy 'fedsomething'.*fedadam"):
-        make_strategy("fedsomething", Identity())
+        make_strategy(config_of("fedsomething"))
 
 
 def test_parameters_reach_the_flower_strategy():
-    strategy = make_strategy("fedadam", TopK(0.1), {"eta": 0.02, "tau": 1}, fraction_train=0.5)
-    assert isinstance(strategy, CompressedUpdates) and isinstance(strategy.inner, FedAdam)
-    assert (strategy.inner.eta, strategy.inner.tau, strategy.inner.fraction_train) == (0.02, 1.0, 0.5)
-    assert isinstance(strategy.inner.tau, float)  # ints widen to floats
+    strategy = make_strategy(load_config(TINY, ["federation.strategy=fedadam", "strategy.eta=0.02", "strategy.tau=1"]))
+    assert type(strategy) is FedAdam  # Flower's own class, not a wrapper
+    assert (strategy.eta, strategy.tau, strategy.fraction_train) == (0.02, 1.0, 0.5)  # tiny: 5 of 10 clients
+    assert isinstance(strategy.tau, float)  # ints widen to floats
+
+
+def test_sampling_comes_from_the_federation_section():
+    config = load_config(TINY, ["federation.num_clients=20", "federation.clients_per_round=4",
+                                "federation.fraction_evaluate=0.25"])
+    strategy = make_strategy(config)
+    assert strategy.fraction_train == 4 / 20
+    assert strategy.min_train_nodes == strategy.min_available_nodes == 4
+    assert (strategy.fraction_evaluate, strategy.min_evaluate_nodes) == (0.25, 5)
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_only_fedavgm_and_the_fedopt_family_have_a_server_optimizer(name):
+    assert has_server_optimizer(strategy_of(name, 7)) == (name in SERVER_OPTIMIZERS)
+
+
+def test_a_subclass_of_a_server_optimizer_has_one_too():
+    class SlowAdam(FedAdam):
+        pass
+
+    assert has_server_optimizer(SlowAdam()) and not has_server_optimizer(FedAvg())
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_only_pollens_sparse_strategies_take_sparse_deltas(name):
+    assert takes_sparse_deltas(strategy_of(name, 7)) == (name in SPARSE)
 
 
 @pytest.mark.parametrize("name, params, named", [
@@ -39,10 +66,11 @@ def test_parameters_reach_the_flower_strategy():
     ("fedavg", {"train_metrics_aggr_fn": "x"}, "strategy.train_metrics_aggr_fn: fedavg has no parameter"),
     ("fedtrimmedavg", {"beta": 0.7}, "fedtrimmedavg rejected .*beta"),
     ("sparse-median", {"min_senders": 0}, "min_senders must be at least 1"),
+    ("fednova", {"batch_size": 8}, "strategy.batch_size: set by train.batch_size"),
 ])
 def test_bad_parameters_are_rejected_and_named(name, params, named):
     with pytest.raises(StrategyError, match=named):
-        make_strategy(name, Identity(), params)
+        strategy_of(name, settings=params)
 
 
 def test_parameters_follow_kwargs_up_to_flower():
@@ -72,10 +100,10 @@ def plugin_module(tmp_path, monkeypatch):
 
 def test_a_strategy_loads_by_dotted_path(plugin_module):
     for path in ("my_strategies:HalfStep", "my_strategies.HalfStep"):
-        strategy = make_strategy(path, Identity(), {"share": 0.25})
-        assert type(strategy.inner).__name__ == "HalfStep" and strategy.inner.share == 0.25
+        strategy = strategy_of(path, settings={"share": 0.25})
+        assert type(strategy).__name__ == "HalfStep" and strategy.share == 0.25
     with pytest.raises(StrategyError, match="my_strategies:HalfStep has no parameter 'sharee'"):
-        make_strategy("my_strategies:HalfStep", Identity(), {"sharee": 1.0})
+        strategy_of("my_strategies:HalfStep", settings={"sharee": 1.0})
     with pytest.raises(StrategyError, match="not a flwr.serverapp.strategy.Strategy class"):
         resolve_strategy("my_strategies:not_a_strategy")
     with pytest.raises(StrategyError, match="cannot import 'no_such_module.Thing'"):
@@ -108,7 +136,7 @@ def test_yaml_strategy_section_is_checked_against_the_chosen_strategy(tmp_path):
 
 def test_cli_names_a_bad_strategy_parameter_before_running(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["simulate", TINY, "--set", "federation.strategy=fedadam", "--set", "strategy.eta=fast"])
+        main(["simulate", str(TINY), "--set", "federation.strategy=fedadam", "--set", "strategy.eta=fast"])
     assert exit_info.value.code == 2
     assert "strategy.eta: expected float" in capsys.readouterr().err
 
@@ -127,11 +155,12 @@ def test_the_readme_strategy_example_runs(tmp_path, monkeypatch, task_identity):
     code = re.search(r"```python\n# my_package/sign_vote.py\n(.*?)```", readme.read_text(), re.S).group(1)
     (tmp_path / "sign_vote.py").write_text(code)
     monkeypatch.syspath_prepend(str(tmp_path))
-    from strategy_replies import run_round, sampling
+    from strategy_replies import run_round_of
 
-    strategy = make_strategy("sign_vote:SignVote", Identity(), {"vote_step": 0.25}, **sampling(2))
+    strategy = strategy_of("sign_vote:SignVote", 2, {"vote_step": 0.25})
+    assert takes_sparse_deltas(strategy) and strategy.vote_step == 0.25
     start = {"w": np.zeros(4, np.float32)}
     deltas = [{"w": np.array([1.0, 0.0, -3.0, 2.0], np.float32)},
               {"w": np.array([1.0, 0.0, -1.0, -2.0], np.float32)}]
-    new = run_round(strategy, start, deltas, [1, 1])
+    new = run_round_of(strategy, start, deltas, [1, 1])
     np.testing.assert_array_equal(new["w"], [0.25, 0.0, -0.25, 0.0])

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from pollen.codec import Identity, TopK
-from pollen.strategies import STRATEGIES, SparseFedAvg, make_strategy
+from pollen.strategies import STRATEGIES, SparseFedAvg, takes_sparse_deltas
 from pollen.strategies.sparse_deltas import grouped_by_coordinate
-from strategy_replies import run_round, sampling
+from strategy_replies import run_round_of, strategy_of
 
 rng = np.random.default_rng(2)
 GLOBAL = {"w": rng.normal(size=(20, 30)).astype(np.float32), "b": rng.normal(size=30).astype(np.float32)}
@@ -16,8 +16,7 @@ pytestmark = pytest.mark.usefixtures("task_identity")  # see conftest.py
 
 
 def step(name, deltas, codec, params=None, sizes=None):
-    strategy = make_strategy(name, codec, params, **sampling(len(deltas)))
-    new = run_round(strategy, GLOBAL, deltas, sizes or [10] * len(deltas), codec)
+    new = run_round_of(strategy_of(name, len(deltas), params), GLOBAL, deltas, sizes or [10] * len(deltas), codec)
     return {k: new[k] - GLOBAL[k] for k in GLOBAL}
 
 
@@ -86,16 +85,14 @@ class RecordingSparseFedAvg(SparseFedAvg):
         return super().combine(deltas, weights, size)
 
 
-def test_sparse_strategies_never_receive_a_dense_array_per_client():
-    STRATEGIES["recording"] = RecordingSparseFedAvg
-    try:
-        strategy = make_strategy("recording", TopK(density=0.05), **sampling(4))
-        run_round(strategy, GLOBAL, random_deltas(4), [10] * 4, TopK(density=0.05))
-    finally:
-        del STRATEGIES["recording"]
+def test_sparse_strategies_never_receive_a_dense_array_per_client(monkeypatch):
+    monkeypatch.setitem(STRATEGIES, "recording", RecordingSparseFedAvg)
+    strategy = strategy_of("recording", 4)
+    assert takes_sparse_deltas(strategy)
+    run_round_of(strategy, GLOBAL, random_deltas(4), [10] * 4, TopK(density=0.05))
     size = sum(v.size for v in GLOBAL.values())
-    assert len(strategy.inner.seen) == 4
-    assert all(indices == values <= 0.06 * size for indices, values in strategy.inner.seen)
+    assert len(strategy.seen) == 4
+    assert all(indices == values <= 0.06 * size for indices, values in strategy.seen)
 
 
 def test_grouping_sorts_each_coordinates_values():

@@ -4,6 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pollen.client.training import train_locally
+from pollen.config import TrainConfig
 from pollen.data import Split
 
 
@@ -30,7 +31,7 @@ def test_local_run_reports_the_loss_and_the_rms_of_each_trainable_gradient():
     expected_rms = model.used.weight.grad.abs().numpy().copy()  # one AdamW step: RMS = |g|
     model.zero_grad()
 
-    run = train_locally(model, data, epochs=1, batch_size=8, lr=0.01)  # one batch, one step
+    run = train_locally(model, data, TrainConfig(local_epochs=1, batch_size=8, lr=0.01))  # one batch, one step
     assert abs(run.loss - expected_loss.item()) < 1e-6
     assert list(run.gradient_rms) == ["used.weight", "used.bias", "unused.weight", "unused.bias"]
     np.testing.assert_allclose(run.gradient_rms["used.weight"], expected_rms, rtol=1e-4)
@@ -44,7 +45,7 @@ def test_adam_eps_shrinks_the_steps_of_gradients_much_smaller_than_it():
         torch.manual_seed(0)
         model = TwoHeads()
         before = model.used.weight.detach().clone()
-        train_locally(model, data, epochs=1, batch_size=8, lr=0.01, adam_eps=eps)  # one step
+        train_locally(model, data, TrainConfig(local_epochs=1, batch_size=8, lr=0.01, adam_eps=eps))  # one step
         steps[eps] = (model.used.weight.detach() - before).abs()
     np.testing.assert_allclose(steps[1e-8].numpy(), 0.01, rtol=1e-3)  # plain Adam: lr per entry
     assert steps[1e3].max() < 1e-4  # |g| << eps: about lr * |g| / eps

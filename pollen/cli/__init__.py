@@ -75,16 +75,13 @@ def compare_command(parser: argparse.ArgumentParser, path: str, output: str | No
 
 
 def simulate_command(config, output: str | None, verbose: bool) -> int:
-    from pathlib import Path
-
     import torch
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from pollen.server.app import new_run_folder
-    from pollen.server.records import RunRecord, read_records
+    from pollen.run_folder import RunFolder
     from pollen.simulations.report import print_whole, round_line, round_table
-    from pollen.simulations.run import PLOT, simulate
+    from pollen.simulations.run import simulate
 
     torch.set_num_threads(os.cpu_count() or 1)
     if not verbose:
@@ -96,7 +93,7 @@ def simulate_command(config, output: str | None, verbose: bool) -> int:
                   f"{fed.clients_per_round} per round, {fed.rounds} rounds, codec {config.codec.name}"
                   + (f" density {config.codec.density} {config.codec.bits}-bit"
                      if config.codec.name == "topk" else ""))
-    folder = Path(output) if output else new_run_folder(config)
+    folder = RunFolder(output) if output else RunFolder.new(config.output_dir)
     interrupted = False
     with Progress(TextColumn("round {task.completed}/{task.total}"), BarColumn(),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=console) as progress:
@@ -113,7 +110,7 @@ def simulate_command(config, output: str | None, verbose: bool) -> int:
             return 2
         except KeyboardInterrupt:  # stop cleanly: every finished round is already on disk
             interrupted = True
-            records = read_records(folder) if (folder / RunRecord.FILENAME).exists() else []
+            records = folder.records()
     if not records:
         console.print("stopped before the first evaluation; nothing was written")
         return 130
@@ -127,7 +124,7 @@ def simulate_command(config, output: str | None, verbose: bool) -> int:
                   + ("" if final.simulated_seconds is None
                      else f", {final.simulated_seconds / 60:.1f} min of simulated device time"))
     console.print(f"run record, plot and checkpoint: [bold]{folder}[/] "
-                  f"(rounds.jsonl, {PLOT}, checkpoint.pt)")
+                  f"({RunFolder.RECORDS}, {RunFolder.PLOT}, {RunFolder.CHECKPOINT})")
     if interrupted:
         console.print(f"[yellow]stopped by Ctrl-C after round {final.round} of {fed.rounds}[/]; "
                       "the rounds above are kept")

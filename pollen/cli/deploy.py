@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from pollen.config import ConfigError, from_flat, load_config
+from pollen.config import ConfigError, load_config
 
 COMMANDS = ("certs", "server", "client", "export")
 LOCAL_NAMES = ["localhost", "127.0.0.1"]  # the server's own `flwr` calls reach the SuperLink here
@@ -83,23 +83,19 @@ def certs_command(args: argparse.Namespace) -> int:
 def server_command(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from pollen.server.app import new_run_folder
-    from pollen.server.deploy import DEFAULT_PORT, Deployment, DeploymentError
-    from pollen.server.records import RunRecord, read_records
+    from pollen.flower_processes import FlowerError
+    from pollen.run_folder import RunFolder
+    from pollen.server.deploy import DEFAULT_PORT, Deployment
 
     console = Console()
     if args.resume:
-        folder = Path(args.resume)
-        saved = folder / "config.yaml"
-        if not saved.is_file():
-            raise ConfigError(f"--resume {folder}: no config.yaml, not a run folder")
-        import yaml
-
-        config = from_flat({**yaml.safe_load(saved.read_text()),
-                            **dict(_override(text) for text in args.overrides)})
+        run = RunFolder(args.resume)
+        if not run.config_path.is_file():
+            raise ConfigError(f"--resume {run}: no {RunFolder.CONFIG}, not a run folder")
+        config = run.read_config(args.overrides)
     else:
         config = load_config(args.config, args.overrides)
-        folder = Path(args.output) if args.output else new_run_folder(config)
+        run = RunFolder(args.output) if args.output else RunFolder.new(config.output_dir)
     if args.insecure:
         console.print("[bold red]WARNING[/]: --insecure: updates travel unencrypted and any device may join. "
                       "Use it only on a network you trust.")
@@ -107,7 +103,7 @@ def server_command(args: argparse.Namespace) -> int:
         raise ValueError("--certs DIR is required (create it with `pollen certs DIR --server-name HOST`), "
                          "or pass --insecure")
     certs = None if args.insecure else Path(args.certs)
-    deployment = Deployment(config, folder, certs, host=args.host, port=args.port or DEFAULT_PORT,
+    deployment = Deployment(config, run.path, certs, host=args.host, port=args.port or DEFAULT_PORT,
                             resume=bool(args.resume))
     fed = config.federation
     started = time.monotonic()
@@ -119,13 +115,12 @@ def server_command(args: argparse.Namespace) -> int:
             run_id = deployment.submit()
             console.print(f"run {run_id}: {fed.rounds} rounds, {fed.clients_per_round} devices per round "
                           f"(waits until that many are connected)")
-            console.print(f"records: [bold]{deployment.folder / RunRecord.FILENAME}[/], checkpoint: "
-                          f"[bold]{deployment.folder / 'checkpoint.pt'}[/], logs: {deployment.folder / 'logs'}")
+            console.print(f"records: [bold]{run.records_path}[/], checkpoint: [bold]{run.checkpoint}[/], "
+                          f"logs: {run.logs}")
             shown = [0]
 
             def show_rounds() -> None:
-                path = deployment.folder / RunRecord.FILENAME
-                records = read_records(deployment.folder) if path.exists() else []
+                records = run.records()
                 for entry in records[shown[0]:]:
                     console.print(f"round {entry.round}: accuracy {entry.accuracy:.4f}, {entry.clients} devices, "
                                   f"up {entry.uplink_bytes} B, down {entry.downlink_bytes} B "
@@ -133,7 +128,7 @@ def server_command(args: argparse.Namespace) -> int:
                 shown[0] = len(records)
 
             status = deployment.wait(args.timeout, on_poll=show_rounds)
-        except DeploymentError as error:
+        except FlowerError as error:
             console.print(f"[red]pollen server: {error}[/]")
             return 1
         except KeyboardInterrupt:
@@ -146,16 +141,10 @@ def server_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _override(text: str):
-    from pollen.config import parse_override
-
-    return parse_override(text)
-
-
 def client_command(args: argparse.Namespace) -> int:
     from pollen.client.device import DEFAULT_LOCAL_PORT, DeviceError, supernode_command
     from pollen.client.local_files import load_local_data
-    from pollen.server.deploy import flower_env
+    from pollen.flower_processes import offline_env
 
     if args.insecure:
         print("WARNING: --insecure: this device's updates travel unencrypted", file=sys.stderr)
@@ -166,7 +155,7 @@ def client_command(args: argparse.Namespace) -> int:
                                 Path(args.key) if args.key else None, args.local_port or DEFAULT_LOCAL_PORT)
     print(f"device: {len(split)} examples in {args.data}; connecting to {args.server}", flush=True)
     # Become the SuperNode: same PID, so whoever started `pollen client` can stop it.
-    os.execvpe(command[0], command, flower_env())
+    os.execvpe(command[0], command, offline_env())
     return 0  # not reached
 
 

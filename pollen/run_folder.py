@@ -1,0 +1,154 @@
+"""The run folder: every file a run writes, named once.
+
+``RunFolder.new(output_dir)`` makes a fresh timestamped folder; every entry point
+(``pollen simulate``, ``compare``, ``server``, ``export``, the Ray backend and a plain
+``flwr run``) reads and writes a run through this class, so the files are the same
+whichever started it:
+
+    config.yaml         the run's whole config, readable by ``load_config``
+    rounds.jsonl        one RoundRecord per round, appended and flushed as the run goes
+    checkpoint.pt       everything needed to go on after the last finished round
+    accuracy.png        accuracy by round, by uplink MB (and by simulated time)
+    participants.jsonl  per round: sampled, dropped and late clients (simulations)
+    logs/               the Flower processes' logs (deployment, Ray)
+
+A ServerApp started by Flower learns its folder from the environment of the
+SuperLink that started it (``FOLDER_ENV``, ``RESUME_ENV``); without them it makes a
+new folder under the config's ``output_dir``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from pollen.config import Config, load_config, save_config
+
+FOLDER_ENV = "POLLEN_RUN_FOLDER"  # set for the ServerApp by whoever starts its SuperLink
+RESUME_ENV = "POLLEN_RESUME"  # "1": go on from that folder's checkpoint
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    round: int
+    accuracy: float  # central evaluation on the held-out split
+    loss: float
+    precision: float  # macro averages
+    recall: float
+    f1: float
+    train_loss: float | None  # clients' mean local training loss (None in round 0)
+    clients: int  # updates accepted
+    rejected: int  # updates dropped by validation
+    failed: int  # replies that carried an error
+    uplink_bytes: int  # serialized ArrayRecords received
+    downlink_bytes: int  # serialized ArrayRecords sent
+    dense_uplink_bytes: int  # the same updates as dense fp32
+    compression: float | None  # dense_uplink_bytes / uplink_bytes (None: nothing received)
+    round_seconds: float
+    wall_seconds: float  # since the run started
+    # Simulated devices (None when the run has no device profiles): the clock of the
+    # device model since the start, this round's share of it, and the sampled clients
+    # that dropped out or missed the round deadline.
+    simulated_seconds: float | None = None
+    simulated_round_seconds: float | None = None
+    dropouts: int = 0
+    stragglers: int = 0
+    federated_accuracy: float | None = None  # clients' evaluation on their own data (fraction_evaluate > 0)
+
+
+class RunFolder:
+    """``RunFolder(path)``: the files of one run (see the module docstring)."""
+
+    CONFIG = "config.yaml"
+    RECORDS = "rounds.jsonl"
+    CHECKPOINT = "checkpoint.pt"
+    PLOT = "accuracy.png"
+    PARTICIPANTS = "participants.jsonl"
+    LOGS = "logs"
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @classmethod
+    def new(cls, output_dir: str | Path, name: str = "") -> RunFolder:
+        """A folder that does not exist yet: OUTPUT_DIR/<timestamp>[-name][-n]."""
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        path = Path(output_dir) / (f"{stamp}-{name}" if name else stamp)
+        suffix = 1
+        while path.exists():
+            path = path.with_name(f"{path.name}-{suffix}")
+            suffix += 1
+        return cls(path)
+
+    @classmethod
+    def from_environment(cls, config: Config) -> tuple[RunFolder, bool]:
+        """(folder, resume) for a ServerApp started by Flower: as its SuperLink was told, or new."""
+        path = os.environ.get(FOLDER_ENV)
+        folder = cls(path) if path else cls.new(config.output_dir)
+        return folder, bool(path) and os.environ.get(RESUME_ENV) == "1"
+
+    @staticmethod
+    def environment(path: Path, resume: bool = False) -> dict[str, str]:
+        """The variables that send a SuperLink's ServerApp to ``path`` (see ``from_environment``)."""
+        return {FOLDER_ENV: str(Path(path).resolve()), RESUME_ENV: "1" if resume else "0"}
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / self.CONFIG
+
+    @property
+    def records_path(self) -> Path:
+        return self.path / self.RECORDS
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / self.CHECKPOINT
+
+    @property
+    def plot(self) -> Path:
+        return self.path / self.PLOT
+
+    @property
+    def participants(self) -> Path:
+        return self.path / self.PARTICIPANTS
+
+    @property
+    def logs(self) -> Path:
+        return self.path / self.LOGS
+
+    def write_config(self, config: Config) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        save_config(config, self.config_path)
+
+    def read_config(self, overrides: list[str] = ()) -> Config:
+        """The run's own config (with ``key=value`` overrides), as it was written."""
+        return load_config(self.config_path, overrides)
+
+    def start_records(self, kept: list[RoundRecord] = ()) -> None:
+        """Begin ``rounds.jsonl`` afresh, holding only ``kept`` (the rounds a resumed run keeps)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.records_path.write_text("".join(_line(record) for record in kept))
+
+    def append(self, record: RoundRecord) -> None:
+        with self.records_path.open("a") as handle:
+            handle.write(_line(record))
+
+    def records(self) -> list[RoundRecord]:
+        """Every round recorded so far; none if the run has not recorded one."""
+        if not self.records_path.exists():
+            return []
+        return [RoundRecord(**json.loads(line)) for line in self.records_path.read_text().splitlines() if line]
+
+
+def _line(record: RoundRecord) -> str:
+    return json.dumps(dataclasses.asdict(record)) + "\n"
