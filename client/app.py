@@ -44,7 +44,8 @@ def train(msg: Message, context: Context) -> Message:
     update = feedback.add_residual({name: local[name] - global_arrays[name] for name in global_arrays},
                                    server_round)
     codec = config.codec.build()
-    payload = encode(update, codec, seed=seed, gradient_rms=run.gradient_rms)
+    rms = run.gradient_rms if codec.uses_gradient_rms else None
+    payload = encode(update, codec, seed=seed, gradient_rms=rms)
     if isinstance(codec, Identity):
         feedback.clear()  # a lossless payload leaves nothing behind
     else:

@@ -35,13 +35,17 @@ class LocalDataError(ValueError):
     """The device's data cannot be used; the message says what is wrong and where."""
 
 
-def load_local_data(path: str | Path, image_size: int, num_classes: int) -> Split:
-    """Images and labels at ``path`` (folder, .npz or .csv), ready for the model."""
+def load_local_data(path: str | Path, image_size: int, num_classes: int | None) -> Split:
+    """Images and labels at ``path`` (folder, .npz or .csv), ready for the model.
+
+    ``num_classes`` None checks only that labels are class numbers (before the device
+    has joined a run, it does not know the run's class count).
+    """
     return _load(str(Path(path).expanduser().resolve()), image_size, num_classes)
 
 
 @functools.lru_cache(maxsize=2)
-def _load(path: str, image_size: int, num_classes: int) -> Split:
+def _load(path: str, image_size: int, num_classes: int | None) -> Split:
     source = Path(path)
     if source.is_dir():
         images, labels = _read_folder(source)
@@ -55,8 +59,10 @@ def _load(path: str, image_size: int, num_classes: int) -> Split:
         raise LocalDataError(f"{source}: expected a folder of class folders, an .npz or a .csv file")
     if len(labels) == 0:
         raise LocalDataError(f"{source}: holds no examples")
-    if labels.min() < 0 or labels.max() >= num_classes:
-        raise LocalDataError(f"{source}: labels must be between 0 and {num_classes - 1}, "
+    if labels.min() < 0:
+        raise LocalDataError(f"{source}: labels must be class numbers 0, 1, ..., found {int(labels.min())}")
+    if num_classes is not None and labels.max() >= num_classes:
+        raise LocalDataError(f"{source}: labels must be between 0 and {num_classes - 1} (this run's classes), "
                              f"found {int(labels.min())}..{int(labels.max())}")
     return Split(_to_model_input(images, image_size), torch.as_tensor(labels, dtype=torch.long))
 

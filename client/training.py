@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +19,13 @@ class LocalRun:
     """What one local training leaves besides the model."""
 
     loss: float  # mean training loss over every sample seen
-    gradient_rms: dict[str, np.ndarray]  # per trainable array: RMS of its gradients (AdamW's 2nd moment)
+    optimizer: torch.optim.AdamW
+    named: list[tuple[str, torch.Tensor]]  # the trainable parameters, in order
+
+    @functools.cached_property
+    def gradient_rms(self) -> dict[str, np.ndarray]:
+        """Per trainable array: the RMS of its gradients (AdamW's second moment), read when asked."""
+        return {name: _gradient_rms(self.optimizer, p) for name, p in self.named}
 
 
 def train_locally(model: nn.Module, data: Split, settings: TrainConfig, *, proximal_mu: float = 0.0,
@@ -33,7 +40,7 @@ def train_locally(model: nn.Module, data: Split, settings: TrainConfig, *, proxi
     """
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
-    start = [p.detach().clone() for p in params]
+    start = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay,
                                   eps=settings.adam_eps)
     generator = torch.Generator().manual_seed(seed)
@@ -51,7 +58,7 @@ def train_locally(model: nn.Module, data: Split, settings: TrainConfig, *, proxi
             optimizer.step()
             total += loss.item() * len(batch)
             seen += len(batch)
-    return LocalRun(total / seen, {name: _gradient_rms(optimizer, p) for name, p in named})
+    return LocalRun(total / seen, optimizer, named)
 
 
 def _gradient_rms(optimizer: torch.optim.AdamW, param: torch.Tensor) -> np.ndarray:

@@ -73,6 +73,8 @@ __all__ = ["CodecError", "Identity", "TopK", "Codec", "encode", "decode", "wire_
 class Identity:
     """Dense fp32, for comparison: what an uncompressed update costs."""
 
+    uses_gradient_rms = False
+
 
 @dataclass(frozen=True)
 class TopK:
@@ -95,6 +97,11 @@ class TopK:
     scope: str = "tensor"
     stochastic: bool = False
     select: str = "magnitude"
+
+    @property
+    def uses_gradient_rms(self) -> bool:
+        """Whether ``encode`` needs the update's ``gradient_rms``."""
+        return self.select == "salience"
 
     def __post_init__(self) -> None:
         if not 0.0 < self.density <= 1.0:

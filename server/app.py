@@ -189,6 +189,8 @@ def resumed_state(config: Config, folder: RunFolder, clients_kept_state: bool) -
 
 def in_dtypes_of(current: ArrayRecord, proposed: ArrayRecord) -> ArrayRecord:
     """The proposal in the model's dtypes: FedAdam & co. return float64 under NumPy 2."""
-    return ArrayRecord({name: Array(array.numpy().astype(current[name].numpy().dtype, copy=False))
+    if all(proposed[name].dtype == array.dtype for name, array in current.items()):
+        return proposed
+    return ArrayRecord({name: Array(array.numpy().astype(current[name].dtype, copy=False))
                         for name, array in proposed.items()})
 

@@ -68,6 +68,8 @@ def test_csv_label_then_square_pixels_with_optional_header(tmp_path):
     (lambda p: np.savez(p / "a.npz", x=np.zeros(1)) or p / "a.npz", "missing array"),
     (lambda p: np.savez(p / "a.npz", images=np.zeros((2, 4, 4)), labels=np.array([0, 12])) or p / "a.npz",
      "between 0 and 9"),
+    (lambda p: np.savez(p / "a.npz", images=np.zeros((2, 4, 4)), labels=np.array([0, -1])) or p / "a.npz",
+     "class numbers"),
     (lambda p: np.savez(p / "a.npz", images=np.zeros((3, 4, 4)), labels=np.array([0, 1])) or p / "a.npz",
      "N = 2 labels"),
     (lambda p: np.savez(p / "a.npz", images=np.zeros((2, 4, 4)), labels=np.array([0.5, 1])) or p / "a.npz",
@@ -81,6 +83,13 @@ def test_csv_label_then_square_pixels_with_optional_header(tmp_path):
 def test_bad_data_is_refused_with_a_message_naming_the_problem(tmp_path, make, message):
     with pytest.raises(LocalDataError, match=message):
         load_local_data(make(tmp_path), image_size=8, num_classes=10)
+
+
+def test_before_a_run_only_the_format_is_checked_not_the_class_count(tmp_path):
+    np.savez(tmp_path / "a.npz", images=np.zeros((2, 4, 4)), labels=np.array([0, 12]))
+    assert load_local_data(tmp_path / "a.npz", image_size=8, num_classes=None).labels.tolist() == [0, 12]
+    with pytest.raises(LocalDataError, match="between 0 and 9"):
+        load_local_data(tmp_path / "a.npz", image_size=8, num_classes=10)
 
 
 def test_client_app_trains_on_the_device_files_when_given_a_data_path(tmp_path):

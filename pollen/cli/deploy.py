@@ -150,7 +150,8 @@ def client_command(args: argparse.Namespace) -> int:
         print("WARNING: --insecure: this device's updates travel unencrypted", file=sys.stderr)
     elif not (args.ca and args.key):
         raise DeviceError("--ca and --key are required (from `pollen certs`), or pass --insecure")
-    split = load_local_data(args.data, image_size=8, num_classes=10)  # check the format now, not mid-round
+    # Check the format now, not mid-round; the run's class count is checked when a round loads it.
+    split = load_local_data(args.data, image_size=8, num_classes=None)
     command = supernode_command(args.server, Path(args.data), None if args.insecure else Path(args.ca),
                                 Path(args.key) if args.key else None, args.local_port or DEFAULT_LOCAL_PORT)
     print(f"device: {len(split)} examples in {args.data}; connecting to {args.server}", flush=True)
