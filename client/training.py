@@ -44,7 +44,10 @@ def train_locally(model: nn.Module, data: Split, settings: TrainConfig, *, proxi
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay,
                                   eps=settings.adam_eps)
     generator = torch.Generator().manual_seed(seed)
-    model.eval()  # frozen BatchNorm statistics; only the trainable parts learn
+    model.eval()  # frozen BatchNorm statistics and the base's dropout; only the trainable parts learn
+    for name, module in model.named_modules():
+        if name.endswith("lora_dropout"):  # the adapters' own dropout (model.lora.dropout) does apply
+            module.train()
     total, seen = 0.0, 0
     for _ in range(settings.local_epochs):
         for batch in torch.randperm(len(data), generator=generator).split(settings.batch_size):
@@ -58,6 +61,7 @@ def train_locally(model: nn.Module, data: Split, settings: TrainConfig, *, proxi
             optimizer.step()
             total += loss.item() * len(batch)
             seen += len(batch)
+    model.eval()
     return LocalRun(total / seen, optimizer, named)
 
 

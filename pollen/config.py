@@ -7,6 +7,7 @@ The same configuration travels to clients as Flower's flat ``run_config``
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 from collections.abc import Iterable, Mapping
@@ -18,7 +19,7 @@ import yaml
 
 from pollen.codec import SCOPES, SELECTIONS, Codec, Identity, TopK
 from pollen.data import DATASETS
-from pollen.models import MODELS
+from pollen.models import model_factory
 
 
 class ConfigError(ValueError):
@@ -26,20 +27,48 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class LoraSettings:
+    """The ``model.lora`` section: peft's ``LoraConfig`` under its own names."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    # "auto": peft's default for a Hugging Face model's family, every linear map of the
+    # base for a torch model; "all-linear"; or module names, comma-separated ("query,value").
+    target_modules: str = "auto"
+
+    def check(self) -> None:
+        _at_least("model.lora.r", self.r, 1)
+        _positive("model.lora.alpha", self.alpha)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.lora.dropout: must be in [0, 1), got {self.dropout}")
+        if not self.target_modules.strip(" ,"):
+            raise ConfigError("model.lora.target_modules: name modules, or auto / all-linear")
+
+    @property
+    def modules(self) -> str | list[str]:
+        """``target_modules`` as peft takes it."""
+        if self.target_modules in ("auto", "all-linear"):
+            return self.target_modules
+        return [name.strip() for name in self.target_modules.split(",") if name.strip()]
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name: str = "efficientnet-lite0"  # a name in pollen.models.MODELS
     trainable: str = "lora"  # head | lora | full
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
+    lora: LoraSettings = field(default_factory=LoraSettings)
     quantize: str = "int8"  # int8 | none: storage of the frozen base
     image_size: int = 64
 
     def check(self) -> None:
-        _one_of("model.name", self.name, tuple(MODELS))
+        try:
+            model_factory(self.name)
+        except ValueError as error:
+            raise ConfigError(f"model.name: {error}") from None
         _one_of("model.trainable", self.trainable, ("head", "lora", "full"))
         _one_of("model.quantize", self.quantize, ("int8", "none"))
-        _at_least("model.lora_rank", self.lora_rank, 1)
-        _positive("model.lora_alpha", self.lora_alpha)
+        self.lora.check()
         _at_least("model.image_size", self.image_size, 8)
         if self.trainable == "full" and self.quantize == "int8":
             raise ConfigError(
@@ -288,27 +317,18 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
                 f"{prefix}{key}: unknown key (known: {', '.join(sorted(known))})"
             )
         kind = known[key].type
-        sub = _SECTIONS.get(key) if cls is Config else None
-        if sub is StrategyParams:
+        if kind == "StrategyParams":
             kwargs[key] = StrategyParams.from_mapping(value)
-        elif sub is not None:
-            kwargs[key] = _build(sub, value, f"{key}.")
+        elif kind in _SECTIONS:
+            kwargs[key] = _build(_SECTIONS[kind], value, f"{prefix}{key}.")
         else:
             kwargs[key] = _coerce(prefix + key, value, _TYPES[kind])
     return cls(**kwargs)
 
 
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool}
-_SECTIONS = {
-    "model": ModelConfig,
-    "data": DataConfig,
-    "train": TrainConfig,
-    "federation": FederationConfig,
-    "codec": CodecConfig,
-    "downlink": DownlinkConfig,
-    "strategy": StrategyParams,
-    "simulation": SimulationConfig,
-}
+_SECTIONS = {cls.__name__: cls for cls in (ModelConfig, LoraSettings, DataConfig, TrainConfig, FederationConfig,
+                                             CodecConfig, DownlinkConfig, SimulationConfig)}
 
 
 def from_dict(values: dict[str, Any]) -> Config:
@@ -338,15 +358,15 @@ def with_overrides(values: dict[str, Any], overrides: Mapping[str, Any]) -> dict
 
     Unknown keys are left for ``from_dict`` to name.
     """
-    nested = {key: dict(value) if isinstance(value, dict) else value for key, value in values.items()}
+    nested = copy.deepcopy(values)
     for key, value in overrides.items():
-        section, dot, name = key.partition(".")
-        if not dot:
-            nested[key] = value
-            continue
-        if not isinstance(nested.get(section, {}), dict):
-            raise ConfigError(f"{section}: expected a mapping, got {nested[section]!r}")
-        nested.setdefault(section, {})[name] = value
+        *sections, name = key.split(".")
+        table = nested
+        for depth, section in enumerate(sections):
+            if not isinstance(table.setdefault(section, {}), dict):
+                raise ConfigError(f"{'.'.join(sections[:depth + 1])}: expected a mapping, got {table[section]!r}")
+            table = table[section]
+        table[name] = value
     return nested
 
 
@@ -381,14 +401,18 @@ STRATEGY_KEY = "strategy"
 
 def run_config_of(config: Config) -> dict[str, str | int | float | bool]:
     """The flat run config Flower carries to the ServerApp and every ClientApp."""
+    values = to_dict(config)
+    strategy = yaml.safe_dump(values.pop(STRATEGY_KEY), default_flow_style=True).strip()
+    return {**_flat(values), STRATEGY_KEY: strategy}
+
+
+def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
-    for key, value in to_dict(config).items():
-        if key == STRATEGY_KEY:
-            flat[key] = yaml.safe_dump(value, default_flow_style=True).strip()
-        elif isinstance(value, dict):
-            flat.update({f"{key}.{name}": item for name, item in value.items()})
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
         else:
-            flat[key] = value
+            flat[prefix + key] = value
     return flat
 
 

