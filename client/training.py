@@ -7,11 +7,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pollen.config import TrainConfig
 from pollen.data import Split
+from pollen.metrics import loss_of
+from pollen.text_data import TextSplit
 
 
 @dataclass
@@ -28,7 +29,7 @@ class LocalRun:
         return {name: _gradient_rms(self.optimizer, p) for name, p in self.named}
 
 
-def train_locally(model: nn.Module, data: Split, settings: TrainConfig, *, proximal_mu: float = 0.0,
+def train_locally(model: nn.Module, data: Split | TextSplit, settings: TrainConfig, *, proximal_mu: float = 0.0,
                   seed: int = 0) -> LocalRun:
     """AdamW on the trainable parameters for ``settings.local_epochs`` passes.
 
@@ -51,8 +52,7 @@ def train_locally(model: nn.Module, data: Split, settings: TrainConfig, *, proxi
     total, seen = 0.0, 0
     for _ in range(settings.local_epochs):
         for batch in torch.randperm(len(data), generator=generator).split(settings.batch_size):
-            logits = model(data.images[batch])
-            loss = F.cross_entropy(logits, data.labels[batch])
+            loss = loss_of(model(data.inputs_of(batch)), data.labels[batch])
             if proximal_mu > 0:
                 drift = sum(((p - p0) ** 2).sum() for p, p0 in zip(params, start))
                 loss = loss + proximal_mu / 2 * drift

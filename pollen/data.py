@@ -35,6 +35,10 @@ class Split:
         index = torch.as_tensor(indices, dtype=torch.long)
         return Split(self.images[index], self.labels[index])
 
+    def inputs_of(self, index: torch.Tensor | slice) -> torch.Tensor:
+        """The model's inputs for these examples (text splits give a mapping of token tensors)."""
+        return self.images[index]
+
 
 @dataclass(frozen=True)
 class Dataset:

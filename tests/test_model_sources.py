@@ -67,15 +67,16 @@ def test_a_model_name_that_resolves_to_nothing_is_a_config_error(name, named):
         load_config(None, [f"model.name={name}"])
 
 
-def save_tiny(kind: str, folder):
+def save_tiny(kind: str, folder, vocab_size: int = 20, positions: int = 8):
+    """A tiny randomly initialised model directory, as ``save_pretrained`` writes it."""
     from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, ViTConfig, ViTModel
 
     torch.manual_seed(0)
     if kind == "bert":
-        model = BertModel(BertConfig(vocab_size=20, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=32, max_position_embeddings=8))
+        model = BertModel(BertConfig(vocab_size=vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=positions))
     elif kind == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=20, n_embd=16, n_layer=1, n_head=2, n_positions=8))
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_embd=16, n_layer=1, n_head=2, n_positions=positions))
     else:
         model = ViTModel(ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=1,
                                    num_attention_heads=2, intermediate_size=32))

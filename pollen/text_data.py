@@ -1,0 +1,137 @@
+"""Text data: a ``.csv`` or ``.jsonl`` table, tokenized for a Hugging Face model.
+
+Two shapes of table are read:
+
+    text, label          sequence classification; labels are integers 0..K-1, or
+                         names (sorted, then numbered)
+    prompt, response     instruction tuning of a causal LM: the model learns to continue
+                         each prompt with its response (next-token loss on the response only)
+
+Every example is tokenized once to ``max_length`` tokens (padded, truncated) with the
+model's own tokenizer, loaded offline. A bad table is refused with one line that
+names the file and the problem.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+IGNORE = -100  # label of a token nothing is predicted for (torch's cross_entropy ignore_index)
+COLUMNS = (("text", "label"), ("prompt", "response"))
+
+
+class TextDataError(ValueError):
+    """A text table cannot be used; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class TextSplit:
+    inputs: dict[str, torch.Tensor]  # input_ids, attention_mask: [N, max_length]
+    labels: torch.Tensor  # [N] classes, or [N, max_length] next tokens (IGNORE where none is learned)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, indices: np.ndarray) -> TextSplit:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return TextSplit(self.inputs_of(index), self.labels[index])
+
+    def inputs_of(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: tensor[index] for name, tensor in self.inputs.items()}
+
+
+def read_table(path: str | Path) -> list[dict]:
+    """The rows of a ``.csv`` (with a header) or ``.jsonl`` file, as dicts."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() == ".jsonl":
+            rows = []
+            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if line.strip():
+                    row = json.loads(line)
+                    if not isinstance(row, dict):
+                        raise TextDataError(f"{path}: line {number} is not a JSON object")
+                    rows.append(row)
+            return rows
+        if path.suffix.lower() == ".csv":
+            with path.open(newline="", encoding="utf-8") as handle:
+                return list(csv.DictReader(handle))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as error:
+        raise TextDataError(f"{path}: unreadable ({error})") from None
+    raise TextDataError(f"{path}: expected a .csv or .jsonl file")
+
+
+def table_kind(path: str | Path, rows: list[dict]) -> tuple[str, str]:
+    """The table's two columns: ("text", "label") or ("prompt", "response")."""
+    if not rows:
+        raise TextDataError(f"{path}: holds no examples")
+    for columns in COLUMNS:
+        if all(column in rows[0] for column in columns):
+            return columns
+    raise TextDataError(f"{path}: expected columns text,label or prompt,response; found {', '.join(rows[0])}")
+
+
+def class_labels(path: str | Path, values: list) -> tuple[np.ndarray, list[str]]:
+    """Integer labels and the class names: integers as they are, names sorted and numbered."""
+    if all(isinstance(v, int) or (isinstance(v, str) and v.strip().lstrip("-").isdigit()) for v in values):
+        labels = np.array([int(v) for v in values])
+        if labels.min() < 0:
+            raise TextDataError(f"{path}: integer labels must be 0 or more, found {labels.min()}")
+        names = [str(k) for k in range(labels.max() + 1)]
+        missing = sorted(set(range(labels.max() + 1)) - set(labels.tolist()))
+        if missing:
+            raise TextDataError(f"{path}: class {missing[0]} has no example (labels must be 0..K-1)")
+        return labels, names
+    names = sorted({str(v) for v in values})
+    number = {name: k for k, name in enumerate(names)}
+    return np.array([number[str(v)] for v in values]), names
+
+
+def tokenized(path: str | Path, rows: list[dict], tokenizer, max_length: int) -> tuple[TextSplit, int]:
+    """(the split, its number of classes; 0 for prompt/response tables)."""
+    first, second = table_kind(path, rows)
+    for number, row in enumerate(rows, 1):
+        if not isinstance(row.get(first), str) or not str(row.get(first)).strip():
+            raise TextDataError(f"{path}: row {number} has no {first}")
+    if first == "text":
+        labels, names = class_labels(path, [row["label"] for row in rows])
+        encoded = tokenizer([row["text"] for row in rows], padding="max_length", truncation=True,
+                            max_length=max_length, return_tensors="pt")
+        inputs = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+        return TextSplit(inputs, torch.as_tensor(labels, dtype=torch.long)), len(names)
+    return instruction_split(path, rows, tokenizer, max_length), 0
+
+
+def instruction_split(path: str | Path, rows: list[dict], tokenizer, max_length: int) -> TextSplit:
+    """prompt + response as one sequence; only the response's tokens (and its end) are learned."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.full((len(rows), max_length), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), max_length), dtype=torch.long)
+    labels = torch.full((len(rows), max_length), IGNORE, dtype=torch.long)
+    for i, row in enumerate(rows):
+        if not isinstance(row.get("response"), str):
+            raise TextDataError(f"{path}: row {i + 1} has no response")
+        prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+        end = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        response = tokenizer(row["response"], add_special_tokens=False)["input_ids"] + end
+        sequence = (prompt + response)[:max_length]
+        ids[i, :len(sequence)] = torch.tensor(sequence)
+        mask[i, :len(sequence)] = 1
+        learned = slice(min(len(prompt), max_length), len(sequence))
+        labels[i, learned] = ids[i, learned]
+    if (labels == IGNORE).all():
+        raise TextDataError(f"{path}: no response fits in {max_length} tokens; raise data.max_length")
+    return TextSplit({"input_ids": ids, "attention_mask": mask}, labels)
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer saved with a model directory, offline."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(Path(path).expanduser(), local_files_only=True)

