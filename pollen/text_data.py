@@ -130,6 +130,31 @@ def instruction_split(path: str | Path, rows: list[dict], tokenizer, max_length:
     return TextSplit({"input_ids": ids, "attention_mask": mask}, labels)
 
 
+# chat-topics: the English chatbot corpus of chatterbot-corpus (BSD licence), every distinct
+# utterance labelled by the topic file it comes from; topics with fewer examples are left out.
+CHAT_TOPICS_MIN = 45
+
+
+def chat_topics() -> list[dict]:
+    """Rows {text, label} of the built-in text dataset, in a fixed order."""
+    import importlib.util
+
+    import yaml
+
+    root = Path(importlib.util.find_spec("chatterbot_corpus").submodule_search_locations[0]) / "data" / "english"
+    topics_of: dict[str, set[str]] = {}
+    for path in sorted(root.glob("*.yml")):
+        for conversation in yaml.safe_load(path.read_text(encoding="utf-8")).get("conversations", []):
+            for utterance in conversation:
+                if isinstance(utterance, str) and utterance.strip():
+                    topics_of.setdefault(" ".join(utterance.split()), set()).add(path.stem)
+    single = {text: next(iter(topics)) for text, topics in topics_of.items() if len(topics) == 1}
+    counts: dict[str, int] = {}
+    for topic in single.values():
+        counts[topic] = counts.get(topic, 0) + 1
+    return [{"text": text, "label": topic} for text, topic in single.items() if counts[topic] >= CHAT_TOPICS_MIN]
+
+
 def load_tokenizer(path: str | Path):
     """The tokenizer saved with a model directory, offline."""
     from transformers import AutoTokenizer

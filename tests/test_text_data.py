@@ -103,3 +103,15 @@ def test_a_table_that_is_not_utf8_is_refused(tmp_path, tokenizer):
     path.write_bytes(b"text,label\n\xff\xfe,0\n")
     with pytest.raises(TextDataError, match="unreadable"):
         read_table(path)
+
+
+def test_the_built_in_chat_topics_are_real_distinct_utterances_by_topic():
+    from pollen.text_data import CHAT_TOPICS_MIN, chat_topics
+
+    rows = chat_topics()
+    texts = [row["text"] for row in rows]
+    topics = {row["label"] for row in rows}
+    assert len(texts) == len(set(texts)) > 1000  # each utterance once, with one topic
+    assert {"trivia", "coding", "emotion"} <= topics and len(topics) >= 10
+    assert all(sum(row["label"] == topic for row in rows) >= CHAT_TOPICS_MIN for topic in topics)
+    assert rows == chat_topics()  # the same order every time
