@@ -35,6 +35,7 @@ from pollen.client.app import local_data
 from pollen.client.training import train_locally
 from pollen.codec import Identity, TopK, decode, encode, layout_of, wire_bytes
 from pollen.config import load_config
+from pollen.data import num_classes
 from pollen.models import initial_arrays, load_model
 
 SETTINGS = {
@@ -104,11 +105,11 @@ def wire(update: dict[str, np.ndarray], label: str) -> list[dict]:
 
 def epoch_vs_codec(config) -> dict:
     """One local epoch of the default task on a client of average size vs its codec time."""
-    model = load_model(config.model, config.num_classes, config.seed)
+    model = load_model(config.model, num_classes(config.data), config.seed)
     sizes = [len(local_data(config, {"partition-id": i})) for i in range(config.federation.num_clients)]
     typical = int(np.argsort(sizes)[len(sizes) // 2])
     data = local_data(config, {"partition-id": typical})
-    start = initial_arrays(config.model, config.num_classes, config.seed)
+    start = initial_arrays(config.model, num_classes(config.data), config.seed)
     one_epoch = dataclasses.replace(config.train, local_epochs=1)
     epoch_s, _ = timed(lambda: train_locally(model, data, one_epoch), repeat=2)
     update = {k: (p.detach().numpy() - start[k]).astype(np.float32)
@@ -175,7 +176,7 @@ def main() -> None:
     logging.getLogger("flwr").setLevel(logging.ERROR)
     config = load_config(None, args.overrides)
     rng = np.random.default_rng(0)
-    default_layout = layout_of(initial_arrays(config.model, config.num_classes, config.seed))
+    default_layout = layout_of(initial_arrays(config.model, num_classes(config.data), config.seed))
     result = {
         "wire": wire({k: rng.normal(size=s).astype(np.float32) for k, s in default_layout.items()},
                      f"{config.model.name} {config.model.trainable} layout")

@@ -29,7 +29,7 @@ import torch
 
 from pollen.client.training import train_locally
 from pollen.config import load_config
-from pollen.data import load_dataset
+from pollen.data import load_dataset, num_classes
 from pollen.metrics import evaluate
 from pollen.models import build_model, resident_bytes
 from pollen.run_folder import RunFolder
@@ -67,14 +67,13 @@ def centralized(config, learning_rates: list[float]) -> dict:
     One AdamW run over a thousand steps is less forgiving than a client's ten steps a
     round, so the bound is the best of a few learning rates (each reported).
     """
-    train, test = load_dataset(config.data.dataset, config.model.image_size,
-                               config.data.test_size, config.seed)
+    train, test = load_dataset(config)
     fed = config.federation
     epochs = max(1, round(fed.rounds * fed.clients_per_round / fed.num_clients
                           * config.train.local_epochs))
     runs = {}
     for lr in learning_rates:
-        model = build_model(config.model, config.num_classes, config.seed)
+        model = build_model(config.model, num_classes(config.data), config.seed)
         started = time.perf_counter()
         settings = dataclasses.replace(config.train, local_epochs=epochs, lr=lr)
         loss = train_locally(model, train, settings, seed=config.seed).loss
@@ -124,8 +123,8 @@ def main() -> None:
             100 * (result["dense"]["final_accuracy"] - result["compressed"]["final_accuracy"]), 2)
         result["last_3_rounds_gap_points"] = round(100 * (
             result["dense"]["last_3_rounds_mean_accuracy"] - result["compressed"]["last_3_rounds_mean_accuracy"]), 2)
-    fp32_model = build_model(dataclasses.replace(config.model, quantize="none"), config.num_classes)
-    int8_model = build_model(config.model, config.num_classes)
+    fp32_model = build_model(dataclasses.replace(config.model, quantize="none"), num_classes(config.data))
+    int8_model = build_model(config.model, num_classes(config.data))
     result["resident_model_bytes"] = {"fp32": resident_bytes(fp32_model), "int8_base": resident_bytes(int8_model),
                                       "ratio": resident_bytes(fp32_model) / resident_bytes(int8_model)}
     json.dump(result, sys.stdout, indent=2)

@@ -1,13 +1,15 @@
 """Deployment on loopback vs simulation: time to the first round, bytes per round on the wire.
 
-Starts a real SuperLink (TLS, node authentication) and two `pollen client` SuperNodes on
-127.0.0.1, runs the tiny config for a few rounds, then the same config in process.
+Starts a real SuperLink (TLS, node authentication) behind the Fleet proxy, as `pollen server`
+does, and two `pollen client` SuperNodes on 127.0.0.1, runs the tiny config for a few
+rounds, then the same config in process.
 Prints JSON. Usage: python benchmarks/deploy_loopback.py [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -57,6 +59,7 @@ def main() -> None:
         try:
             deployment.start()
             deployment.submit()
+            started_up = time.monotonic() - started
             for i in range(2):
                 data = tmp / f"device-{i}.npz"
                 np.savez(data, images=(digits.images[i::2] * 16).astype(np.uint8), labels=digits.target[i::2])
@@ -76,11 +79,13 @@ def main() -> None:
     print(json.dumps({
         "rounds": args.rounds,
         "deployment": {
+            "seconds_to_submitted": round(started_up, 1),  # SuperLink, keys registered, proxy open, run in
             "seconds_to_first_round": round(first_round[0], 1),
             "seconds_total": round(total, 1),
             "records_per_round": per_round(deployed),
             "flower_message_bytes_per_round": (traffic["inbound-bytes"] + traffic["outbound-bytes"]) / args.rounds,
             "final_accuracy": deployed[-1].accuracy,
+            "fleet_proxy_limits": dataclasses.asdict(deployment.limits),
         },
         "simulation": {"records_per_round": per_round(simulated), "final_accuracy": simulated[-1].accuracy},
     }, indent=2))

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from pollen.client.app import local_data  # noqa: E402
 from pollen.client.training import train_locally  # noqa: E402
 from pollen.config import Config, load_config  # noqa: E402
-from pollen.data import load_dataset  # noqa: E402
+from pollen.data import load_dataset, num_classes  # noqa: E402
 from pollen.metrics import evaluate  # noqa: E402
 from pollen.models import initial_arrays, load_model, load_trainable, trainable_arrays  # noqa: E402
 
@@ -41,9 +41,9 @@ def plain_loop(config: Config) -> float:
     """The federation's local training and FedAvg, with nothing around them."""
     started = time.perf_counter()
     fed, train = config.federation, config.train
-    model = load_model(config.model, config.num_classes, config.seed)
-    _, test = load_dataset(config.data.dataset, config.model.image_size, config.data.test_size, config.seed)
-    global_arrays = initial_arrays(config.model, config.num_classes, config.seed)
+    model = load_model(config.model, num_classes(config.data), config.seed)
+    _, test = load_dataset(config)
+    global_arrays = initial_arrays(config.model, num_classes(config.data), config.seed)
     load_trainable(model, global_arrays)
     evaluate(model, test)
     for server_round in range(1, fed.rounds + 1):
@@ -84,8 +84,8 @@ def main() -> None:
     from pollen.simulations.run import run_in_process
 
     # Warm the model, data and partition caches that every contender in this process shares.
-    load_model(config.model, config.num_classes, config.seed)
-    load_dataset(config.data.dataset, config.model.image_size, config.data.test_size, config.seed)
+    load_model(config.model, num_classes(config.data), config.seed)
+    load_dataset(config)
     local_data(config, {"partition-id": 0, "num-partitions": args.clients})
     result: dict = {"clients": args.clients, "clients_per_round": args.clients, "rounds": args.rounds,
                     "model": f"{config.model.name} {config.model.trainable} {config.model.image_size}px"}

@@ -32,6 +32,7 @@ def measure(population: int, per_round: int, rounds: int) -> dict:
 
     from pollen.client.app import app as client_app
     from pollen.config import load_config, run_config_of
+    from pollen.data import num_classes
     from pollen.models import initial_arrays
     from pollen.run_folder import RunFolder
     from pollen.simulations.client_state import SpilledStates
@@ -55,7 +56,7 @@ def measure(population: int, per_round: int, rounds: int) -> dict:
         on_disk = states.bytes_on_disk()
         with_state = sum(1 for _ in states.folder.iterdir())
     grid.close()
-    trainable = sum(a.size for a in initial_arrays(config.model, config.num_classes, config.seed).values())
+    trainable = sum(a.size for a in initial_arrays(config.model, num_classes(config.data), config.seed).values())
     per_round = [r.round_seconds for r in records[1:]]
     return {
         "population": population,

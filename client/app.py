@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import functools
 import time
 
-import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from pollen.client.error_feedback import ErrorFeedback
 from pollen.client.global_copy import GlobalCopy
-from pollen.client.local_files import load_local_data
 from pollen.client.training import train_locally
 from pollen.codec import Identity, decode, dense_wire_bytes, encode, layout_of, wire_bytes
 from pollen.config import Config, config_from_run_config
-from pollen.data import Split, load_dataset, partition
+from pollen.data import Split, load_dataset, load_local_data, num_classes, partitions
 from pollen.metrics import evaluate
 from pollen.models import initial_arrays, load_model, load_trainable, trainable_arrays
 
@@ -26,7 +23,7 @@ app = ClientApp()
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     config = config_from_run_config(context.run_config)
-    model = load_model(config.model, config.num_classes, config.seed)
+    model = load_model(config.model, num_classes(config.data), config.seed)
     data = local_data(config, context.node_config)
     round_config = msg.content["config"]  # what changes per round: its number, the downlink, FedProx's mu
     global_arrays = global_copy(config, context).receive(msg.content["arrays"], round_config)
@@ -64,7 +61,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate_local(msg: Message, context: Context) -> Message:
     config = config_from_run_config(context.run_config)
-    model = load_model(config.model, config.num_classes, config.seed)
+    model = load_model(config.model, num_classes(config.data), config.seed)
     data = local_data(config, context.node_config)
     load_trainable(model, global_copy(config, context).receive(msg.content["arrays"], msg.content["config"]))
     result = evaluate(model, data)
@@ -81,27 +78,19 @@ def describe(msg: Message, context: Context) -> Message:
 
 
 def global_copy(config: Config, context: Context) -> GlobalCopy:
-    return GlobalCopy(context.state, lambda: initial_arrays(config.model, config.num_classes, config.seed),
+    return GlobalCopy(context.state, lambda: initial_arrays(config.model, num_classes(config.data), config.seed),
                       config.downlink.build())
 
 
 def local_data(config: Config, node_config: dict) -> Split:
     """This node's share of the training split (simulation: by ``partition-id``)."""
-    if DATA_PATH in node_config:  # a deployed device: its own files (client/local_files.py)
-        return load_local_data(str(node_config[DATA_PATH]), config.model.image_size, config.num_classes)
+    if DATA_PATH in node_config:  # a deployed device: its own files, read as data.dataset is (pollen.data)
+        return load_local_data(str(node_config[DATA_PATH]), config.model, num_classes(config.data),
+                               config.data.max_length)
     partition_id = int(node_config["partition-id"])
     num_partitions = int(node_config.get("num-partitions", config.federation.num_clients))
-    parts = _partitions(config, num_partitions)
+    parts = partitions(config, num_partitions)
     if not 0 <= partition_id < len(parts):
         raise ValueError(f"partition-id {partition_id} outside 0..{len(parts) - 1}")
-    train_split, _ = load_dataset(config.data.dataset, config.model.image_size,
-                                  config.data.test_size, config.seed)
+    train_split, _ = load_dataset(config)
     return train_split.subset(parts[partition_id])
-
-
-@functools.lru_cache(maxsize=4)
-def _partitions(config: Config, num_partitions: int) -> list[np.ndarray]:
-    train_split, _ = load_dataset(config.data.dataset, config.model.image_size,
-                                  config.data.test_size, config.seed)
-    return partition(train_split.labels.numpy(), num_partitions, config.data.partition,
-                     config.data.alpha, config.seed, config.data.min_partition_size)

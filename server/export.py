@@ -1,4 +1,5 @@
-"""Export a run's fine-tuned model for on-device inference: ONNX or a saved ``torch.export`` program.
+"""Export a run's fine-tuned model: ONNX or a saved ``torch.export`` program for on-device inference,
+or its adapters as a peft adapter.
 
 The federated model is a frozen base (int8 linear maps, see ``pollen.models``) plus
 trainable adapters and head. For inference the adapters are merged into the base:
@@ -9,12 +10,25 @@ per row, dequantized inside the graph (weight-only int8: exact in any runtime).
 
 After writing, the file is loaded back with its own runtime (onnxruntime, or
 ``torch.export.load``) and its outputs on the run's test images are compared with the
-merged PyTorch model; an export that does not match is an error, not a file.
+merged PyTorch model; an export that does not match is an error, not a file. Text
+models take ``input_ids`` and ``attention_mask`` (batch and sequence length dynamic),
+image models ``images``; a model torch.export cannot trace is refused, naming its kind.
+
+``--format peft`` writes the trained adapters and head, unmerged, as a peft adapter
+directory (``adapter_config.json``, ``adapter_model.safetensors``) for
+``peft.PeftModel.from_pretrained`` on the fp32 base (``peft_base``: the transformers
+model itself for a Hugging Face model). It is built with peft's own ``get_peft_model``
+and ``save_pretrained``, Pollen's trained values copied in by name, and checked by loading
+it back with peft onto the run's own base.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import os
+import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,13 +38,16 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from pollen.config import Config
-from pollen.data import load_dataset
-from pollen.models import build_model, load_trainable
+from pollen.data import load_dataset, num_classes
+from pollen.hf_models import CAUSAL, SEQUENCE, HuggingFaceModel
+from pollen.models import BASE_SEED, build_model, load_trainable, model_factory
 from pollen.run_folder import RunFolder
 from pollen.server.checkpoint import load_arrays
 
-FORMATS = {"onnx": "model.onnx", "torch": "model.pt2"}
+FORMATS = {"onnx": "model.onnx", "torch": "model.pt2", "peft": "peft-adapter"}
 TOLERANCE = 1e-4  # max |exported - PyTorch| logit difference accepted
+PEFT_TOLERANCE = 1e-5  # peft on the run's own base computes what Pollen does, in another order
+PEFT_TASKS = {SEQUENCE: "SEQ_CLS", CAUSAL: "CAUSAL_LM"}  # peft has no task type for image classification
 CHECKED_IMAGES = 64
 
 
@@ -43,7 +60,7 @@ class ExportResult:
     path: Path
     format: str
     bytes: int
-    max_difference: float  # exported vs merged PyTorch model, on ``checked`` test images
+    max_difference: float  # exported vs merged PyTorch model (peft: vs the federated one), on ``checked`` examples
     checked: int
     agreement: float  # share of those images where the merged model predicts as the federated one
 
@@ -53,10 +70,9 @@ class Int8Linear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, conv: nn.Conv2d | None = None) -> None:
         super().__init__()
-        scale = weight.abs().flatten(1).amax(dim=1).clamp(min=1e-12) / 127.0
-        shape = (-1,) + (1,) * (weight.dim() - 1)
-        self.register_buffer("qweight", torch.round(weight / scale.view(shape)).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scale", scale.view(shape).contiguous())
+        qweight, scale = _int8_rows(weight)
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", scale)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.conv = None if conv is None else (conv.stride, conv.padding, conv.dilation, conv.groups)
 
@@ -68,8 +84,30 @@ class Int8Linear(nn.Module):
         return nn.functional.conv2d(x, weight, self.bias, stride, padding, dilation, groups)
 
 
+class Int8Embedding(nn.Module):
+    """Weight-only int8 embedding table: int8 rows, one fp32 scale per row (token)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        qweight, scale = _int8_rows(weight)
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", scale)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        # Gather the rows first: dequantizing the whole table would cost a vocabulary of floats a call.
+        rows = nn.functional.embedding(ids, self.qweight).to(torch.float32)
+        return rows * nn.functional.embedding(ids, self.scale)
+
+
+def _int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output row (per token for an embedding), scales shaped to broadcast."""
+    scale = weight.abs().flatten(1).amax(dim=1).clamp(min=1e-12) / 127.0
+    scale = scale.view((-1,) + (1,) * (weight.dim() - 1)).contiguous()
+    return torch.round(weight / scale).clamp(-127, 127).to(torch.int8), scale
+
+
 def merged_model(model: nn.Module, int8: bool) -> nn.Module:
-    """A plain copy of ``model`` with LoRA merged in and (``int8``) weight-only int8 linear maps."""
+    """A plain copy of ``model`` with LoRA merged in and (``int8``) weight-only int8 linear maps and embeddings."""
     model = copy.deepcopy(model).eval()
     for name, module in list(model.named_modules()):
         base = getattr(module, "base_layer", None)
@@ -90,6 +128,10 @@ def _inside_lora(model: nn.Module, name: str) -> bool:
 
 
 def _plain(layer: nn.Module, weight: torch.Tensor, int8: bool) -> nn.Module:
+    if isinstance(layer, nn.Embedding):
+        return Int8Embedding(weight) if int8 else nn.Embedding.from_pretrained(weight, padding_idx=layer.padding_idx)
+    if _transposed(layer):
+        weight = weight.t()
     bias = None if layer.bias is None else layer.bias.detach().clone()
     conv = layer if isinstance(layer, nn.Conv2d) else None
     if int8:
@@ -106,6 +148,12 @@ def _plain(layer: nn.Module, weight: torch.Tensor, int8: bool) -> nn.Module:
     return plain
 
 
+def _transposed(layer: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2's projections) is a linear map storing its weight as [in, out]."""
+    utils = sys.modules.get("transformers.pytorch_utils")  # loaded whenever such a model exists
+    return utils is not None and isinstance(layer, utils.Conv1D)
+
+
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
@@ -119,46 +167,204 @@ def run_model(run: Path) -> tuple[Config, nn.Module]:
             raise ExportError(f"{run}: no {path.name}; expected a run folder from `pollen simulate` or "
                               "`pollen server`")
     config = folder.read_config()
-    model = build_model(config.model, config.num_classes, config.seed)
+    model = build_model(config.model, num_classes(config.data), config.seed)
     load_trainable(model, load_arrays(folder.checkpoint))
     return config, model.eval()
 
 
 def export_run(run: Path, format: str = "onnx", output: Path | None = None) -> ExportResult:
-    """Write the run's merged model as ``format``; check it reproduces the PyTorch model."""
+    """Write the run's model as ``format``; check it reproduces the PyTorch model."""
     if format not in FORMATS:
         raise ExportError(f"--format {format!r}: one of {', '.join(FORMATS)}")
     config, model = run_model(run)
-    merged = merged_model(model, int8=config.model.quantize == "int8")
-    _, test = load_dataset(config.data.dataset, config.model.image_size, config.data.test_size, config.seed)
-    images = test.images[:CHECKED_IMAGES]
-    with torch.no_grad():
-        federated, expected = model(images).numpy(), merged(images).numpy()
+    _, test = load_dataset(config)
+    inputs = test.inputs_of(slice(None, CHECKED_IMAGES))
     path = output or run / FORMATS[format]
+    if format == "peft":
+        return export_peft(config, model, inputs, path)
+    return export_graph(model, inputs, format, path, int8=config.model.quantize == "int8")
+
+
+def export_graph(model: nn.Module, inputs: torch.Tensor | Mapping[str, torch.Tensor], format: str, path: Path,
+                 int8: bool) -> ExportResult:
+    """Write ``model`` merged as ONNX or a torch.export program; check it on ``inputs`` (images or tokens)."""
+    merged = merged_model(model, int8)
+    with torch.no_grad():
+        federated, expected = model(inputs).numpy(), merged(inputs).numpy()
+    graph, names, tensors, dynamic = _graph_inputs(merged, inputs)
+    try:
+        program = torch.export.export(graph, tuple(t[:2] for t in tensors), dynamic_shapes=dynamic)
+    except Exception as error:  # torch.export raises many kinds; all mean it cannot trace this model
+        raise ExportError(f"{_kind(model)}: torch.export cannot trace it ({_first_line(error)}), so neither onnx "
+                          "nor torch can be written; --format peft still works for lora and head runs") from error
     path.parent.mkdir(parents=True, exist_ok=True)
-    example = (images[:2],)
-    batch = torch.export.Dim("batch", min=1)
     if format == "onnx":
-        torch.onnx.export(merged, example, str(path), input_names=["images"], output_names=["logits"],
-                          dynamic_shapes=({0: batch},), dynamo=True, external_data=False, verbose=False,
-                          optimize=False)  # constant folding would turn the int8 weights back into fp32
-        got = _run_onnx(path, images.numpy())
+        try:
+            torch.onnx.export(program, (), str(path), input_names=names, output_names=["logits"], dynamo=True,
+                              external_data=False, verbose=False,
+                              optimize=False)  # constant folding would turn the int8 weights back into fp32
+        except Exception as error:  # the converter's errors have no common class either
+            path.unlink(missing_ok=True)
+            raise ExportError(f"{_kind(model)}: ONNX cannot express its traced program ({_first_line(error)}); "
+                              "use --format torch") from error
+        got = _run_onnx(path, dict(zip(names, tensors)))
     else:
-        program = torch.export.export(merged, example, dynamic_shapes=({0: batch},))
         torch.export.save(program, str(path))
         with torch.no_grad():
-            got = torch.export.load(str(path)).module()(images).numpy()
+            got = torch.export.load(str(path)).module()(*tensors).numpy()
     difference = float(np.abs(got - expected).max())
     if not difference <= TOLERANCE:
         path.unlink(missing_ok=True)
         raise ExportError(f"the {format} model's outputs differ from PyTorch's by {difference:.2e} "
                           f"(more than {TOLERANCE:.0e}); nothing was written")
-    agreement = float((federated.argmax(1) == expected.argmax(1)).mean())
-    return ExportResult(path, format, path.stat().st_size, difference, len(images), agreement)
+    agreement = float((federated.argmax(-1) == expected.argmax(-1)).mean())
+    return ExportResult(path, format, path.stat().st_size, difference, len(federated), agreement)
 
 
-def _run_onnx(path: Path, images: np.ndarray) -> np.ndarray:
+TOKENS = ("input_ids", "attention_mask")  # a text model's inputs, in the exported graph's order
+
+
+class TokenInputs(nn.Module):
+    """A text model taking its token tensors positionally, so the graph's inputs are flat and named."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model({"input_ids": input_ids, "attention_mask": attention_mask})
+
+
+def _graph_inputs(merged: nn.Module, inputs: torch.Tensor | Mapping[str, torch.Tensor]):
+    """(module, input names, input tensors, dynamic shapes): any batch size, and any length of text."""
+    batch = torch.export.Dim("batch", min=1)
+    if isinstance(inputs, Mapping):
+        if set(inputs) != set(TOKENS):
+            raise ExportError(f"text inputs must be {' and '.join(TOKENS)}, got {', '.join(inputs)}")
+        length = {0: batch, 1: torch.export.Dim.AUTO}
+        return TokenInputs(merged), list(TOKENS), [inputs[name] for name in TOKENS], (length, length)
+    return merged, ["images"], [inputs], ({0: batch},)
+
+
+def _kind(model: nn.Module) -> str:
+    if isinstance(model, HuggingFaceModel):
+        return f"the {model.task} model {type(model.model).__name__}"
+    return f"the torch model {type(model).__name__}"
+
+
+def _first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:200] if lines else ''}"
+
+
+def _run_onnx(path: Path, feeds: dict[str, torch.Tensor]) -> np.ndarray:
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(["logits"], {"images": images})[0]
+    return session.run(["logits"], {name: tensor.numpy() for name, tensor in feeds.items()})[0]
+
+
+def peft_base(name: str, num_classes: int) -> nn.Module:
+    """The fp32 base a peft export of ``model.name=name`` loads onto, built as Pollen builds it.
+
+    A Hugging Face model (a directory, minilm-l6) gives the transformers model itself, what
+    ``AutoModelFor<task>.from_pretrained(path, num_labels=num_classes)`` loads; a torch model
+    (tiny-cnn, efficientnet-lite0, a factory) gives what its factory returns, under Pollen's
+    base seed (tiny-cnn's random base depends on it). Its head is replaced by the adapter's.
+    """
+    with torch.random.fork_rng():
+        torch.manual_seed(BASE_SEED)
+        model, _ = model_factory(name)(num_classes)
+    return (model.model if isinstance(model, HuggingFaceModel) else model).eval()
+
+
+def export_peft(config: Config, model: nn.Module, inputs: torch.Tensor | Mapping[str, torch.Tensor],
+                path: Path) -> ExportResult:
+    """Write the run's adapters and head as a peft adapter directory; check peft reproduces the model."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft.tuners.lora import LoraLayer
+    from peft.utils.constants import DUMMY_TARGET_MODULES
+
+    if config.model.trainable == "full":
+        raise ExportError("--format peft: a model.trainable=full run changed every weight and has no adapter; "
+                          "use --format onnx or torch")
+    hf = isinstance(model, HuggingFaceModel)
+    prefix = "model." if hf else ""  # Pollen wraps a transformers model; peft takes it unwrapped
+    layers = {name.removeprefix(prefix): module for name, module in model.named_modules()
+              if isinstance(module, LoraLayer)}
+    head = _head(model)
+    settings = dataclasses.replace(
+        getattr(model, "peft_config", {}).get("default") or LoraConfig(),  # r, alpha, ... the run trained with
+        target_modules=sorted(layers) or DUMMY_TARGET_MODULES,  # peft's placeholder for "no LoRA layer" (head runs)
+        fan_in_fan_out=any(getattr(layer, "fan_in_fan_out", False) for layer in layers.values()),  # GPT-2's Conv1D
+        modules_to_save=[head.removeprefix(prefix)] if head else None,
+        task_type=PEFT_TASKS.get(model.task) if hf else None,
+    )
+    adapter = get_peft_model(_bare_base(model), settings)
+    # Set after get_peft_model, which takes it from the model (a torch model has none).
+    adapter.peft_config["default"].base_model_name_or_path = _base_source(config.model.name, model)
+    _copy_trained(model, adapter, prefix)
+    before = set(os.listdir(path)) if path.is_dir() else set()
+    adapter.save_pretrained(str(path), save_embedding_layers=False)  # none is trained; skips a Hub look-up
+    # Loaded back by peft onto the run's own base (head zeroed), it must compute what Pollen's model does.
+    loaded = PeftModel.from_pretrained(_bare_base(model), str(path)).eval()
+    check = HuggingFaceModel(loaded, model.task) if hf else loaded
+    with torch.no_grad():
+        federated, got = model(inputs).numpy(), check(inputs).numpy()
+    difference = float(np.abs(got - federated).max())
+    if not difference <= PEFT_TOLERANCE:
+        for name in (set(os.listdir(path)) - before) | set(ADAPTER_FILES):
+            (path / name).unlink(missing_ok=True)
+        raise ExportError(f"peft's model differs from Pollen's by {difference:.2e} (more than "
+                          f"{PEFT_TOLERANCE:.0e}); nothing was written")
+    agreement = float((federated.argmax(-1) == got.argmax(-1)).mean())
+    size = sum((path / name).stat().st_size for name in ADAPTER_FILES)
+    return ExportResult(path, "peft", size, difference, len(federated), agreement)
+
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # peft also writes a README.md model card
+
+
+def _head(model: nn.Module) -> str | None:
+    """The head's module name: where the trained parameters that are not LoRA's live (None: no head)."""
+    paths = [name.split(".")[:-1] for name, param in model.named_parameters()
+             if param.requires_grad and "lora_" not in name]
+    return ".".join(os.path.commonprefix(paths)) or None
+
+
+def _base_source(name: str, model: nn.Module) -> str:
+    """adapter_config.json's base_model_name_or_path: the model directory, or Pollen's name of a torch model."""
+    if isinstance(model, HuggingFaceModel):
+        return str(Path(model.model.name_or_path).expanduser().resolve())
+    return f"pollen:{name}"
+
+
+def _bare_base(model: nn.Module) -> nn.Module:
+    """A copy of the run's base: LoRA layers unwrapped, head zeroed (the adapter must bring it), unwrapped for peft."""
+    base = copy.deepcopy(model)
+    base.__dict__.pop("peft_config", None)
+    for name, module in list(base.named_modules()):
+        if hasattr(module, "base_layer") and hasattr(module, "lora_A"):
+            _replace(base, name, module.base_layer)
+    with torch.no_grad():
+        for param in base.parameters():
+            if param.requires_grad:
+                param.zero_()
+    return base.model if isinstance(base, HuggingFaceModel) else base
+
+
+def _copy_trained(model: nn.Module, adapter: nn.Module, prefix: str) -> None:
+    """Pollen's trained values into the peft model's parameters of the same names.
+
+    peft names them ``base_model.model.<name>``, and a head's ``<head>.modules_to_save.default.<param>``.
+    """
+    ours = {name: param for name, param in model.named_parameters() if param.requires_grad}
+    theirs = {prefix + name.removeprefix("base_model.model.").replace(".modules_to_save.default.", "."): param
+              for name, param in adapter.named_parameters() if param.requires_grad}
+    if set(ours) != set(theirs):
+        missing, extra = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
+        raise ExportError(f"peft's adapter does not hold the run's trained parameters: missing {missing[:3]}, "
+                          f"unexpected {extra[:3]}")
+    with torch.no_grad():
+        for name, param in theirs.items():
+            param.copy_(ours[name])

@@ -1,23 +1,32 @@
-"""End to end on loopback: a real SuperLink and real SuperNodes, TLS and node authentication.
+"""End to end on loopback: a real SuperLink behind the Fleet proxy, real SuperNodes, TLS, node auth.
 
 Everything listens on 127.0.0.1 on free ports; every process is started in its own
-session and stopped by PID in ``finally``, whatever the outcome.
+session and stopped by PID in ``finally``, whatever the outcome. One federation carries
+every boundary check, so the suite starts Flower once.
 """
 
 from __future__ import annotations
 
+import json
+import ssl
+import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 
 from pollen.client.device import DeviceError, device_number, supernode_command
 from pollen.certs import make_certificates
 from pollen.config import load_config
-from pollen.flower_processes import SUPERLINK_LOG, ProcessTree, free_port, offline_env
+from pollen.flower_processes import (CONNECTION, SUPERLINK_LOG, ProcessTree, console_script, free_port, offline_env,
+                                     write_app, write_connection)
 from pollen.run_folder import RunFolder
-from pollen.server.deploy import Deployment, DeploymentError, superlink_command
+from pollen.server.deploy import (PROXY_LOG, REQUEST_MARGIN_BYTES, Deployment, DeploymentError,
+                                  default_max_request_bytes, dense_update_bytes, superlink_command)
+from pollen.server.fleet_proxy import ProxySettings, RequestLimits
 
 TINY = Path(__file__).resolve().parents[1] / "simulations" / "configs" / "tiny.yaml"
 WAIT = 600  # seconds: a bound on every wait, generous for a loaded 2-core machine
@@ -42,7 +51,33 @@ def pollen_client(tmp: Path, name: str, port: int, ca: Path, key: Path, data: Pa
     return ProcessTree.start(command, tmp / "logs" / f"{name}.log", offline_env(tmp / name), cwd=tmp)
 
 
-def test_two_devices_finish_two_rounds_and_an_unregistered_key_is_refused(tmp_path):
+def outsider_app(folder: Path, marker: Path) -> Path:
+    """A small Flower App whose ServerApp, should it ever run on the server, leaves ``marker``."""
+    write_app(folder, "outsider_app:server", "outsider_app:client", {})
+    (folder / "outsider_app.py").write_text(f"""
+from pathlib import Path
+from flwr.clientapp import ClientApp
+from flwr.serverapp import ServerApp
+
+server = ServerApp()
+client = ClientApp()
+
+
+@server.main()
+def main(grid, context):
+    Path({str(marker)!r}).write_text("ran on the server")
+""")
+    return folder
+
+
+def outsider_flwr(home: Path, args: list[str], cwd: Path) -> subprocess.Popen:
+    """A ``flwr`` call from someone holding only ca.pem, with their own FLWR_HOME."""
+    return subprocess.Popen([console_script("flwr"), *args, "--format", "json"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=offline_env(home), cwd=cwd)
+
+
+def test_registered_devices_train_while_outsiders_and_oversize_requests_are_refused(tmp_path):
+    """One federation, every boundary: the Control API only on 127.0.0.1, node auth, request size."""
     certs = make_certificates(tmp_path / "certs", ["localhost", "127.0.0.1"], devices=2)
     rogue = make_certificates(tmp_path / "rogue", ["localhost"], devices=1)  # a key nobody registered
     data = device_data(tmp_path, 3)
@@ -51,24 +86,59 @@ def test_two_devices_finish_two_rounds_and_an_unregistered_key_is_refused(tmp_pa
     port = free_port()
     processes: list[ProcessTree] = []
     deployment = Deployment(config, tmp_path / "run", certs.folder, host="127.0.0.1", port=port)
+    outsider = tmp_path / "outsider"  # their FLWR_HOME: the devices' address and ca.pem, nothing else
+    write_connection(outsider, f"127.0.0.1:{port}", certs.ca_cert)
+    marker = tmp_path / "outsider-ran"
     try:
         deployment.start()
         assert len(deployment.node_ids) == 2
-        deployment.submit()
+        superlink_args = deployment.superlink.popen.args
+        assert superlink_args[superlink_args.index("--host") + 1] == "127.0.0.1"
+        assert deployment.internal_port != port
+        run_id = deployment.submit()
         for i in range(2):
             processes.append(pollen_client(tmp_path, f"device-{i}", port, certs.ca_cert,
                                            certs.device_keys[i], data[i]))
         intruder = pollen_client(tmp_path, "intruder", port, certs.ca_cert, rogue.device_keys[0], data[2])
         processes.append(intruder)
+
+        attempts = {"ls": outsider_flwr(outsider, ["ls", CONNECTION], tmp_path),
+                    "stop": outsider_flwr(outsider, ["stop", str(run_id), CONNECTION], tmp_path),
+                    "run": outsider_flwr(outsider, ["run", str(outsider_app(tmp_path / "app", marker)), CONNECTION],
+                                         tmp_path)}
+        outputs = {name: call.communicate(timeout=WAIT)[0] for name, call in attempts.items()}
+        replies = {name: json.loads(out[out.index("{"):]) for name, out in outputs.items()}
+        limit = deployment.limits.max_request_bytes
+        assert limit == default_max_request_bytes(config)
+        with httpx.Client(base_url=f"https://127.0.0.1:{port}", timeout=60,
+                          verify=ssl.create_default_context(cafile=certs.ca_cert)) as anyone:
+            oversize = anyone.post("/v1/fleet/push-object", content=bytes(limit + 1),
+                                   headers={"content-type": "application/protobuf"})
+            docs = anyone.get("/docs")
+        # The server's own flwr, through the internal address, still sees and controls its run.
+        own = deployment.flwr(["ls", CONNECTION], time.monotonic() + 60)
         status = deployment.wait(timeout=WAIT)
 
+        assert all(reply["success"] is False for reply in replies.values()), replies
+        assert not marker.exists()
+        assert (oversize.status_code, oversize.content) == (413, b"")
+        assert (docs.status_code, docs.content) == (404, b"")
+        assert [int(run["run-id"]) for run in own["runs"]] == [run_id]
+        proxy_log = deployment.proxy.tail(100_000)
+        for route in ("list-runs", "stop-run", "start-run"):
+            assert f"404: POST /v1/control/{route} from 127.0.0.1" in proxy_log
+        assert f"413: POST /v1/fleet/push-object from 127.0.0.1 (over {limit} bytes)" in proxy_log
+        assert "429" not in proxy_log  # the default rate is ample for three SuperNodes on one address
+
+        # The federation finished unharmed: every round, both devices, nothing stopped.
         run = RunFolder(deployment.folder)
         records = run.records()
+        assert status["status"] == "finished:completed"
         assert [r.round for r in records] == [0, 1, 2]
         assert all(r.clients == 2 and r.failed == 0 and r.rejected == 0 for r in records[1:])
         assert all(r.uplink_bytes > 0 and r.downlink_bytes > 0 for r in records[1:])
         assert status["network-traffic"]["total-bytes"] > 0
-        assert run.checkpoint.is_file() and (run.logs / SUPERLINK_LOG).is_file()
+        assert run.checkpoint.is_file() and (run.logs / SUPERLINK_LOG).is_file() and (run.logs / PROXY_LOG).is_file()
         # The intruder never became a node: the SuperLink turned its key away and it gave up.
         assert intruder.popen.wait(timeout=WAIT) != 0
         assert "Failed to activate SuperNode" in intruder.tail(400)
@@ -77,7 +147,7 @@ def test_two_devices_finish_two_rounds_and_an_unregistered_key_is_refused(tmp_pa
         for process in processes:
             process.stop()
         deployment.stop()
-    assert not any(p.running() or p.alive() for p in [*processes, deployment.superlink])
+    assert not any(p.running() or p.alive() for p in [*processes, deployment.superlink, deployment.proxy])
 
 
 def test_superlink_command_has_tls_and_node_auth_unless_insecure(tmp_path):
@@ -87,6 +157,70 @@ def test_superlink_command_has_tls_and_node_auth_unless_insecure(tmp_path):
     assert "--enable-supernode-auth" in command and "--insecure" not in command
     insecure = superlink_command("127.0.0.1", 9999, None, node_auth=False)
     assert "--insecure" in insecure and "--enable-supernode-auth" not in insecure
+
+
+def test_the_max_request_size_is_the_models_dense_update_plus_a_margin():
+    from pollen.data import num_classes
+    from pollen.models import initial_arrays
+
+    for overrides in ([], ["model.trainable=full", "model.quantize=none"]):
+        config = load_config(TINY, overrides)
+        arrays = initial_arrays(config.model, num_classes(config.data), config.seed)
+        dense = dense_update_bytes(config)
+        raw = sum(array.nbytes for array in arrays.values())
+        assert raw <= dense < raw + 512 * len(arrays) + 1024  # fp32 values and their envelope
+        assert default_max_request_bytes(config) == dense + REQUEST_MARGIN_BYTES
+    full = load_config(TINY, ["model.trainable=full", "model.quantize=none"])
+    assert dense_update_bytes(full) > dense_update_bytes(load_config(TINY))
+
+
+class Started(Exception):
+    """Stops Deployment.start at its first process, in tests that only look at what would run."""
+
+
+def first_process(monkeypatch, deployment: Deployment) -> dict:
+    seen = {}
+
+    def start(command, log, env, cwd=None):
+        seen.update(command=command, log=log, env=env)
+        raise Started
+
+    monkeypatch.setattr(ProcessTree, "start", start)
+    with pytest.raises(Started):
+        deployment.start()
+    return seen
+
+
+def test_the_superlink_listens_on_127_0_0_1_only_without_legacy_grpc_apis(tmp_path, monkeypatch):
+    import tomllib
+
+    certs = make_certificates(tmp_path / "certs", ["fl.example.org", "127.0.0.1"], devices=1)
+    monkeypatch.setenv("FLWR_INTERNAL_GRPC_CONTROL_API", "1")
+    monkeypatch.setenv("FLWR_INTERNAL_GRPC_FLEET_API", "1")
+    deployment = Deployment(load_config(TINY), tmp_path / "run", certs.folder, port=9093,
+                            limits=RequestLimits(max_request_bytes=10))
+    seen = first_process(monkeypatch, deployment)
+    command = seen["command"]
+    assert command[command.index("--host") + 1] == "127.0.0.1"
+    assert command[command.index("--port") + 1] == str(deployment.internal_port) != "9093"
+    assert not {"FLWR_INTERNAL_GRPC_CONTROL_API", "FLWR_INTERNAL_GRPC_FLEET_API"} & set(seen["env"])
+    flwr_config = tomllib.loads((deployment.flwr_home / "config.toml").read_text())
+    assert flwr_config["superlink"][CONNECTION]["address"] == deployment.internal_address
+
+
+def test_the_proxy_faces_devices_with_the_server_certificate_and_insecure_stays_local(tmp_path):
+    certs = make_certificates(tmp_path / "certs", ["127.0.0.1"], devices=1)
+    config, limits = load_config(TINY), RequestLimits(max_request_bytes=123, requests_per_second=3, burst=9)
+    tls = Deployment(config, tmp_path / "a", certs.folder, port=9093, limits=limits, internal_port=9200)
+    assert tls.host == "0.0.0.0" and tls.local_host == "127.0.0.1"
+    assert tls.proxy_settings() == ProxySettings("0.0.0.0", 9093, "https://127.0.0.1:9200", limits,
+                                                 certs.folder.resolve() / "server.pem",
+                                                 certs.folder.resolve() / "server.key",
+                                                 certs.folder.resolve() / "ca.pem")
+    insecure = Deployment(config, tmp_path / "b", None, port=9093, limits=limits, internal_port=9200)
+    assert insecure.host == "127.0.0.1"
+    assert insecure.proxy_settings() == ProxySettings("127.0.0.1", 9093, "http://127.0.0.1:9200", limits)
+    assert Deployment(config, tmp_path / "c", None, host="10.1.2.3").host == "10.1.2.3"
 
 
 def test_the_app_carries_the_whole_run_config(tmp_path):

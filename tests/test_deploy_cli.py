@@ -91,3 +91,48 @@ def test_server_resume_goes_on_in_the_run_folder_with_its_saved_config(tmp_path,
     assert main(["server", "--resume", str(run.path), "--insecure", "--set", "federation.rounds=5"]) == 1
     assert seen["folder"] == run.path.resolve() and seen["resume"] is True
     assert seen["config"] == run.read_config(["federation.rounds=5"])
+
+
+def refused_deployment(monkeypatch) -> dict:
+    """Replaces the Deployment `pollen server` makes by one that records itself and starts nothing."""
+    from pollen.server import deploy
+
+    seen = {}
+
+    class Refused(deploy.Deployment):
+        def start(self, timeout: float = 60.0) -> None:
+            seen["deployment"] = self
+            raise deploy.DeploymentError("not started in this test")
+
+    monkeypatch.setattr(deploy, "Deployment", Refused)
+    return seen
+
+
+def test_insecure_server_listens_on_127_0_0_1_unless_host_says_otherwise_and_warns_so(tmp_path, monkeypatch, capsys):
+    seen = refused_deployment(monkeypatch)
+    assert main(["server", "--insecure", "--output", str(tmp_path / "a")]) == 1
+    warning = " ".join(capsys.readouterr().out.split())
+    assert seen["deployment"].host == "127.0.0.1"
+    assert "--insecure" in warning and "listening on 127.0.0.1 only; pass --host" in warning
+    assert main(["server", "--insecure", "--host", "0.0.0.0", "--output", str(tmp_path / "b")]) == 1
+    assert seen["deployment"].host == "0.0.0.0"
+    assert "listening on 0.0.0.0: anyone who reaches it may join" in " ".join(capsys.readouterr().out.split())
+
+
+def test_server_request_limits_come_from_flags_and_bad_ones_are_named(tmp_path, monkeypatch, capsys):
+    from pollen.server.fleet_proxy import RequestLimits
+
+    seen = refused_deployment(monkeypatch)
+    main(["server", "--insecure", "--output", str(tmp_path / "a")])
+    assert seen["deployment"].limits == RequestLimits()  # the size is the model's, set when it starts
+    main(["server", "--insecure", "--output", str(tmp_path / "b"), "--max-request-bytes", "5000",
+          "--rate-limit", "2.5", "--rate-burst", "7"])
+    assert seen["deployment"].limits == RequestLimits(5000, 2.5, 7)
+    for flag, value in (("--max-request-bytes", "0"), ("--rate-limit", "0"), ("--rate-burst", "-1")):
+        message = exit_message(capsys, ["server", "--insecure", "--output", str(tmp_path / "c"), flag, value])
+        assert message.startswith(f"pollen server: {flag}: must be") and message.count("\n") == 1
+    with pytest.raises(SystemExit):
+        main(["server", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"(default {RequestLimits.requests_per_second:g})" in help_text
+    assert f"(default {RequestLimits.burst})" in help_text

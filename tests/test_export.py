@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pollen.config import load_config, save_config
-from pollen.data import load_dataset
+from pollen.data import load_dataset, num_classes
 from pollen.models import build_model, initial_arrays
 from pollen.run_folder import RunFolder
 from pollen.server.export import ExportError, export_run, merged_model, run_model
@@ -23,7 +23,7 @@ def fine_tuned_run(folder: Path, *overrides: str) -> Path:
     config = load_config(TINY, list(overrides))
     rng = np.random.default_rng(0)
     arrays = {name: value + rng.normal(0, 0.05, value.shape).astype(np.float32)
-              for name, value in initial_arrays(config.model, config.num_classes, config.seed).items()}
+              for name, value in initial_arrays(config.model, num_classes(config.data), config.seed).items()}
     run = RunFolder(folder)
     run.path.mkdir(parents=True)
     save_config(config, run.config_path)
@@ -57,7 +57,7 @@ def test_export_writes_a_model_whose_outputs_match(tmp_path, format, suffix):
     assert result.path == run / f"model{suffix}" and result.path.stat().st_size == result.bytes
     assert result.max_difference <= 1e-4 and result.checked > 0 and result.agreement >= 0.9
     config, model = run_model(run)
-    _, test = load_dataset(config.data.dataset, config.model.image_size, config.data.test_size, config.seed)
+    _, test = load_dataset(config)
     images = test.images[:5]  # a batch size the export never saw
     with torch.no_grad():
         expected = merged_model(model, int8=True)(images).numpy()

@@ -143,3 +143,16 @@ def test_lora_dropout_is_active_while_training_only(factory_module):
 def test_every_built_in_resolves():
     for name in ("efficientnet-lite0", "tiny-cnn", "minilm-l6"):
         assert callable(model_factory(name))
+
+
+def test_the_readmes_factory_example_builds(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = readme.split("# my_nets.py\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "readme_nets.py").write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = build_model(model_config("readme_nets:small_cnn", "model.image_size=32"), num_classes=5)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 5)
+    assert any("2.lora_A" in name for name in trainable_arrays(model))  # the 1x1 convolution
+    sys.modules.pop("readme_nets", None)

@@ -6,24 +6,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pollen.config import ModelConfig
+from pollen.config import Config, ModelConfig
 from pollen.data import load_dataset
 from pollen.models import (
-    Int8Weight,
     build_model,
     initial_arrays,
     load_model,
     load_trainable,
-    quantizable_layers,
     resident_bytes,
     trainable_arrays,
 )
+from pollen.quantize import Int8Weight, linear_maps
 
 TINY = ModelConfig(name="tiny-cnn", trainable="lora", image_size=8)
 
 
-def test_quantizable_layers_are_linear_maps_only():
-    names = quantizable_layers(build_model(dataclasses.replace(TINY, trainable="head", quantize="none"), 10))
+def test_linear_maps_are_linears_and_pointwise_convs_only():
+    names = linear_maps(build_model(dataclasses.replace(TINY, trainable="head", quantize="none"), 10))
     assert names == ["features.2", "features.6", "head"]  # 1x1 conv and linears, not the 3x3 conv
 
 
@@ -86,7 +85,7 @@ def test_initial_arrays_survive_changes_to_the_cached_model():
 
 @pytest.fixture(scope="module")
 def mnist_batch():
-    _, test = load_dataset("mnist5k", 64, 1000, 0)
+    _, test = load_dataset(Config(model=ModelConfig(image_size=64)))  # mnist5k, 1000 held out, seed 0
     return test.images[:32], test.labels[:32]
 
 

@@ -10,7 +10,8 @@ from pollen.client.app import app as client_app
 from pollen.client.error_feedback import ErrorFeedback
 from pollen.codec import decode, layout_of
 from pollen.config import load_config, run_config_of
-from pollen.data import partition
+from pollen.data import num_classes
+from pollen.partitions import sampled_partition
 from pollen.models import initial_arrays
 from pollen.run_folder import RunFolder
 from pollen.simulations.client_state import SpilledStates, client_states
@@ -87,7 +88,7 @@ def test_train_messages_carry_only_what_changes_per_round(tmp_path):
 
 
 def train_message(grid, config, server_round=1):
-    arrays = ArrayRecord({k: Array(v) for k, v in initial_arrays(config.model, config.num_classes,
+    arrays = ArrayRecord({k: Array(v) for k, v in initial_arrays(config.model, num_classes(config.data),
                                                                  config.seed).items()})
     content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round})})
     return arrays, grid.create_message(content, "train", 1, "1")
@@ -177,9 +178,9 @@ def test_a_large_population_keeps_state_only_for_sampled_clients(kind, tmp_path)
 
 def test_the_sampled_partition_gives_every_client_its_own_skewed_share():
     labels = np.repeat(np.arange(10), 40)
-    shares = partition(labels, 5000, "sampled", 0.3, seed=1, min_size=8)
+    shares = sampled_partition(labels, 5000, 0.3, seed=1, size=8)
     assert len(shares) == 5000 and all(len(s) == 8 for s in shares)
-    assert partition(labels, 5000, "sampled", 0.3, seed=1, min_size=8)[17].tolist() == shares[17].tolist()
+    assert sampled_partition(labels, 5000, 0.3, seed=1, size=8)[17].tolist() == shares[17].tolist()
     assert np.mean([len(np.unique(labels[s])) for s in shares]) < 5  # label skew, not IID
 
 

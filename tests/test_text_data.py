@@ -115,3 +115,41 @@ def test_the_built_in_chat_topics_are_real_distinct_utterances_by_topic():
     assert {"trivia", "coding", "emotion"} <= topics and len(topics) >= 10
     assert all(sum(row["label"] == topic for row in rows) >= CHAT_TOPICS_MIN for topic in topics)
     assert rows == chat_topics()  # the same order every time
+
+
+def test_a_text_csv_is_a_dataset_for_a_whole_federation(tmp_path, tokenizer):
+    from pollen.data import load_dataset, num_classes
+    from pollen.run_folder import RunFolder
+    from pollen.simulations.run import simulate
+
+    path = write_csv(tmp_path / "t.csv", SENTENCES * 2)
+    config = load_config(None, [f"model.name={model_dir('bert', tmp_path / 'bert', tokenizer)}",
+                                f"data.dataset={path}", "data.test_size=8", "data.max_length=12",
+                                "data.partition=iid", "data.min_partition_size=1", "federation.num_clients=4",
+                                "federation.clients_per_round=2", "federation.rounds=2", "train.local_epochs=1",
+                                "codec.density=0.1"])
+    assert num_classes(config.data) == 2
+    train, test = load_dataset(config)
+    assert len(train) == 24 and len(test) == 8 and test.inputs["input_ids"].shape == (8, 12)
+    _, records = simulate(config, RunFolder(tmp_path / "run"))
+    assert [r.round for r in records] == [0, 1, 2] and records[-1].clients == 2 and records[-1].rejected == 0
+
+
+def test_the_built_in_chat_topics_tokenize_for_minilm():
+    from pollen.data import load_dataset, num_classes
+
+    config = load_config(None, ["model.name=minilm-l6", "data.dataset=chat-topics", "data.test_size=300",
+                                "data.max_length=32"])
+    train, test = load_dataset(config)
+    assert num_classes(config.data) == 12 and len(train) + len(test) == 1676
+    assert train.inputs["input_ids"].shape[1] == 32
+
+
+def test_text_with_a_torch_model_is_refused_naming_the_model(tmp_path):
+    from pollen.data import load_dataset
+    from pollen.data_files import DataError
+
+    path = write_csv(tmp_path / "t.csv", SENTENCES)
+    config = load_config(None, ["model.name=tiny-cnn", f"data.dataset={path}", "data.test_size=4"])
+    with pytest.raises(DataError, match="text needs a Hugging Face model"):
+        load_dataset(config)

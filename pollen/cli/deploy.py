@@ -33,8 +33,16 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     server.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one key (repeatable)")
     server.add_argument("--certs", help="folder from `pollen certs`: TLS and the device keys to admit")
-    server.add_argument("--host", default="0.0.0.0", help="address to listen on (default all)")
+    server.add_argument("--host", default=None,
+                        help="address devices connect to (default: every address; 127.0.0.1 with --insecure)")
     server.add_argument("--port", type=int, default=None, help="port devices connect to (default 9093)")
+    server.add_argument("--max-request-bytes", type=int, default=None,
+                        help="largest request a device may send (default: the model's dense update + 1 MiB)")
+    # Defaults are pollen.server.fleet_proxy.RequestLimits' (not imported here: see the module docstring).
+    server.add_argument("--rate-limit", type=float, default=None, metavar="PER_SECOND",
+                        help="requests a second per device address (default 20)")
+    server.add_argument("--rate-burst", type=int, default=None,
+                        help="requests a device address may make at once (default 400)")
     server.add_argument("--output", help="run folder (default: OUTPUT_DIR/<timestamp>)")
     server.add_argument("--resume", metavar="RUN_DIR", help="go on from RUN_DIR's last checkpoint")
     server.add_argument("--insecure", action="store_true",
@@ -54,8 +62,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
     export = commands.add_parser("export", help="write a run's fine-tuned model for on-device inference")
     export.add_argument("run", help="run folder holding checkpoint.pt and config.yaml")
-    export.add_argument("--format", choices=("onnx", "torch"), default="onnx")
-    export.add_argument("--output", help="file to write (default: RUN/model.onnx or RUN/model.pt2)")
+    export.add_argument("--format", choices=("onnx", "torch", "peft"), default="onnx",
+                        help="onnx or torch: the merged model; peft: adapters and head as a peft adapter folder")
+    export.add_argument("--output", help="file or (peft) folder to write "
+                                         "(default: RUN/model.onnx, RUN/model.pt2 or RUN/peft-adapter)")
 
 
 def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -83,9 +93,10 @@ def certs_command(args: argparse.Namespace) -> int:
 def server_command(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from pollen.flower_processes import FlowerError
+    from pollen.flower_processes import CONNECTION, FlowerError
     from pollen.run_folder import RunFolder
     from pollen.server.deploy import DEFAULT_PORT, Deployment
+    from pollen.server.fleet_proxy import RequestLimits
 
     console = Console()
     if args.resume:
@@ -96,22 +107,32 @@ def server_command(args: argparse.Namespace) -> int:
     else:
         config = load_config(args.config, args.overrides)
         run = RunFolder(args.output) if args.output else RunFolder.new(config.output_dir)
-    if args.insecure:
-        console.print("[bold red]WARNING[/]: --insecure: updates travel unencrypted and any device may join. "
-                      "Use it only on a network you trust.")
-    elif not args.certs:
+    if not args.insecure and not args.certs:
         raise ValueError("--certs DIR is required (create it with `pollen certs DIR --server-name HOST`), "
                          "or pass --insecure")
+    given = {"max_request_bytes": args.max_request_bytes, "requests_per_second": args.rate_limit,
+             "burst": args.rate_burst}
+    limits = RequestLimits(**{name: value for name, value in given.items() if value is not None})
     certs = None if args.insecure else Path(args.certs)
     deployment = Deployment(config, run.path, certs, host=args.host, port=args.port or DEFAULT_PORT,
-                            resume=bool(args.resume))
+                            resume=bool(args.resume), limits=limits)
+    if args.insecure:
+        reach = ("listening on 127.0.0.1 only; pass --host to open it to a network you trust"
+                 if args.host is None else f"listening on {deployment.host}: anyone who reaches it may join")
+        console.print(f"[bold red]WARNING[/]: --insecure: updates travel unencrypted and any device may join; "
+                      f"{reach}.")
     fed = config.federation
     started = time.monotonic()
     with deployment:
         try:
             deployment.start()
-            console.print(f"[bold]pollen server[/]: SuperLink on {args.host}:{deployment.port} "
-                          f"({'TLS, ' + str(len(deployment.public_keys)) + ' registered device keys' if certs else 'insecure'})")
+            limits = deployment.limits
+            door = f"TLS, {len(deployment.public_keys)} registered device keys" if certs else "insecure"
+            console.print(f"[bold]pollen server[/]: devices connect to {deployment.host}:{deployment.port}, Fleet API "
+                          f"only ({door}; requests up to {limits.max_request_bytes} B, "
+                          f"{limits.requests_per_second:g}/s and {limits.burst} at once per address)")
+            console.print(f"SuperLink and its Control API on {deployment.internal_address}, this machine only "
+                          f"(`FLWR_HOME={deployment.flwr_home} flwr ls {CONNECTION}`)")
             run_id = deployment.submit()
             console.print(f"run {run_id}: {fed.rounds} rounds, {fed.clients_per_round} devices per round "
                           f"(waits until that many are connected)")
@@ -143,7 +164,7 @@ def server_command(args: argparse.Namespace) -> int:
 
 def client_command(args: argparse.Namespace) -> int:
     from pollen.client.device import DEFAULT_LOCAL_PORT, DeviceError, supernode_command
-    from pollen.client.local_files import load_local_data
+    from pollen.data_files import read_path
     from pollen.flower_processes import offline_env
 
     if args.insecure:
@@ -151,7 +172,7 @@ def client_command(args: argparse.Namespace) -> int:
     elif not (args.ca and args.key):
         raise DeviceError("--ca and --key are required (from `pollen certs`), or pass --insecure")
     # Check the format now, not mid-round; the run's class count is checked when a round loads it.
-    split = load_local_data(args.data, image_size=8, num_classes=None)
+    split = read_path(args.data)
     command = supernode_command(args.server, Path(args.data), None if args.insecure else Path(args.ca),
                                 Path(args.key) if args.key else None, args.local_port or DEFAULT_LOCAL_PORT)
     print(f"device: {len(split)} examples in {args.data}; connecting to {args.server}", flush=True)
