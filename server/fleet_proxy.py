@@ -128,7 +128,7 @@ class FleetProxy:
                 if len(self.limited) > MAX_TRACKED_CLIENTS:
                     self.limited.clear()
                 self.limited.add(client)
-                log.warning("429: %s is over %.0f requests/s (burst %d)", client,
+                log.warning("429: %s is over %g requests/s (burst %d)", client,
                             self.limits.requests_per_second, self.limits.burst)
             return Response(status_code=429, headers={"retry-after": "1"})
         self.limited.discard(client)
