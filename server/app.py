@@ -107,11 +107,8 @@ def run_round(server_round: int, state: ServerState, grid: Grid, codec: Codec) -
     traffic = RoundTraffic()
     # Select and configure clients: the strategy samples nodes and writes their messages.
     messages = state.strategy.configure_train(server_round, state.arrays, ConfigRecord(), grid)
-    # Address the downlink: each node gets what it lacks of the global arrays.
-    messages = state.broadcast.address(messages, state.arrays)
-    traffic.count_sent(messages)
-    replies = list(grid.send_and_receive(messages, timeout=REPLY_TIMEOUT))
-    state.broadcast.replied(replies)
+    # Address the downlink (each node gets what it lacks of the global arrays), send, wait.
+    replies = exchange(messages, state, grid, traffic)
     # Accept replies: check, decode and count every update; bad ones are dropped and logged.
     replies = accept_replies(replies, state.arrays, codec, sparse=takes_sparse_deltas(state.strategy),
                              traffic=traffic, server_round=server_round)
@@ -151,14 +148,19 @@ def record_round(server_round: int, state: ServerState, outcome: RoundOutcome, m
 def evaluate_on_clients(state: ServerState, grid: Grid, server_round: int,
                         traffic: RoundTraffic) -> MetricRecord | None:
     """Federated evaluation on the clients the strategy samples (none when fraction_evaluate is 0)."""
-    messages = state.strategy.configure_evaluate(server_round, state.arrays, ConfigRecord(), grid)
-    messages = state.broadcast.address(messages, state.arrays)
+    messages = list(state.strategy.configure_evaluate(server_round, state.arrays, ConfigRecord(), grid))
     if not messages:
         return None
+    return state.strategy.aggregate_evaluate(server_round, exchange(messages, state, grid, traffic))
+
+
+def exchange(messages, state: ServerState, grid: Grid, traffic: RoundTraffic) -> list:
+    """Each message's global arrays as its node lacks them, sent; the replies, the bytes counted."""
+    messages = state.broadcast.address(messages, state.arrays)
     traffic.count_sent(messages)
     replies = list(grid.send_and_receive(messages, timeout=REPLY_TIMEOUT))
     state.broadcast.replied(replies)
-    return state.strategy.aggregate_evaluate(server_round, replies)
+    return replies
 
 
 def new_state(config: Config) -> ServerState:
