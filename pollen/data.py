@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from pollen.data_files import DataError, LoadedData, read_path
-from pollen.hf_models import model_directory
+from pollen.hf_models import CAUSAL, IMAGE, SEQUENCE, model_directory, task_of
 from pollen.partitions import partition
-from pollen.text_data import TextSplit, chat_topics, class_labels, load_tokenizer
+from pollen.text_data import (INSTRUCTION, TEXT, TextDataError, TextSplit, chat_topics, class_labels, classification_split,
+                              instruction_split, load_tokenizer)
 
 if TYPE_CHECKING:
     from pollen.config import Config, DataConfig, ModelConfig
@@ -221,6 +222,8 @@ def _checked(source: Source) -> tuple[LoadedData, LoadedData | None]:
         classes = full.num_classes
     _check_classes(full, classes)
     test = read_data(test_path) if test_path else None
+    if test is not None and test.kind != full.kind:
+        raise DataError(f"{test.source}: holds {test.kind} examples, but {full.source} holds {full.kind} examples")
     if test is not None:
         _check_classes(test, classes)
     return full, test
@@ -240,7 +243,16 @@ def _held_out(source: Source, seed: int) -> tuple[LoadedData, LoadedData]:
     return full.take(order[test_size:]), full.take(order[:test_size])
 
 
+# What each kind of examples trains (pollen.hf_models' tasks), and the model.name that does it.
+TASK_OF_KIND = {"image": IMAGE, TEXT: SEQUENCE, INSTRUCTION: CAUSAL}
+MODEL_FOR_KIND = {"image": "an image model (a built-in, a factory or a Hugging Face image classifier)",
+                  TEXT: "a text classifier (minilm-l6 or a Hugging Face encoder directory)",
+                  INSTRUCTION: "a causal LM (a Hugging Face decoder directory, e.g. GPT-2's)"}
+
+
 def _check_classes(data: LoadedData, classes: int) -> None:
+    if data.kind == INSTRUCTION:
+        return  # no classes: the labels are the response's tokens
     if data.labels.max() >= classes:
         raise DataError(f"{data.source}: labels must be between 0 and {classes - 1} (this run's classes), "
                         f"found {int(data.labels.min())}..{int(data.labels.max())}")
@@ -250,16 +262,19 @@ def _check_classes(data: LoadedData, classes: int) -> None:
 def _as_split(data: LoadedData, model: ModelConfig, max_length: int) -> Split | TextSplit:
     # Keyed by the LoadedData object itself (compared by identity): the readers' caches
     # hand back the same one for the same file.
-    labels = torch.as_tensor(data.labels, dtype=torch.long)
-    if data.kind == "text":
-        folder = model_directory(model.name)
-        if folder is None:
-            raise DataError(f"{data.source}: text needs a Hugging Face model (model.name minilm-l6 or a "
-                            f"model directory), not {model.name}")
-        encoded = load_tokenizer(folder)(list(data.inputs), padding="max_length", truncation=True,
-                                         max_length=max_length, return_tensors="pt")
-        return TextSplit({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}, labels)
-    return Split(to_model_input(data.inputs, model.image_size), labels)
+    folder = model_directory(model.name)
+    task = IMAGE if folder is None else task_of(folder)  # a torch model (built-in or factory) takes images
+    if TASK_OF_KIND[data.kind] != task:
+        raise DataError(f"{data.source}: {data.kind} examples need {MODEL_FOR_KIND[data.kind]}; "
+                        f"model.name {model.name} is a {task} model")
+    try:
+        if data.kind == TEXT:
+            return classification_split(list(data.inputs), data.labels, load_tokenizer(folder), max_length)
+        if data.kind == INSTRUCTION:
+            return instruction_split(data.source, list(data.inputs), load_tokenizer(folder), max_length)
+    except TextDataError as error:
+        raise DataError(str(error)) from None
+    return Split(to_model_input(data.inputs, model.image_size), torch.as_tensor(data.labels, dtype=torch.long))
 
 
 @functools.lru_cache(maxsize=4)

@@ -1,6 +1,6 @@
 """Datasets read from files, for a simulation's ``data.dataset`` and a device's ``--data`` alike.
 
-Three layouts of images are read (labels are class numbers ``0, 1, ...``):
+Images (labels are class numbers ``0, 1, ...``):
 
 - a folder with one sub-folder per class, named by its number, holding images
   (``.png``, ``.jpg``, ``.jpeg``, ``.bmp``, ``.gif``, ``.webp``)::
@@ -13,8 +13,15 @@ Three layouts of images are read (labels are class numbers ``0, 1, ...``):
   grayscale image (0-255 or [0, 1]), row by row. A header row is optional; with one,
   the label is the column named ``label`` (else the first).
 
+Text (``pollen.text_data``): a ``.csv`` or ``.jsonl`` table with ``text,label`` columns
+(classification) or ``prompt,response`` (instruction tuning of a causal LM).
+
+A Hugging Face ``datasets`` dataset, written by ``save_to_disk`` (a folder) or
+``to_parquet`` (a ``.parquet`` file), with ``image,label``, ``text,label`` or
+``prompt,response`` columns.
+
 Per-example columns asked for by name (``user_id`` for natural partitions) are an
-``.npz`` array or a ``.csv`` column of that name, set aside from the pixels.
+``.npz`` array or a column of that name, set aside from the examples.
 
 Anything else is refused up front with one line naming the file and the problem, so a
 run or a device fails when it is set up, not in the middle of a round. Another format
@@ -53,7 +60,8 @@ class LoadedData:
 
     @property
     def num_classes(self) -> int:
-        return int(self.labels.max()) + 1
+        """0 for prompt,response examples: a causal LM predicts tokens, not classes."""
+        return 0 if self.kind == "instruction" else int(self.labels.max()) + 1
 
     def take(self, indices: np.ndarray) -> LoadedData:
         inputs = (self.inputs[indices] if isinstance(self.inputs, np.ndarray)
@@ -67,8 +75,9 @@ def read_path(path: str | Path, columns: tuple[str, ...] = ()) -> LoadedData:
     source = Path(path).expanduser().resolve()
     if not source.exists():
         raise DataError(f"{source}: no such file or folder")
-    if not source.is_dir() and source.suffix.lower() not in READERS and not is_text_table(source):
-        raise DataError(f"{source}: expected a folder of class folders, an .npz, a .csv or a .jsonl file")
+    if not (source.is_dir() or source.suffix.lower() in READERS or is_text_table(source) or is_hf_dataset(source)):
+        raise DataError(f"{source}: expected a folder of class folders, an .npz, a .csv, a .jsonl or a .parquet "
+                        "file, or a Hugging Face dataset folder")
     # The modification time is in the key so a long-lived process sees a rewritten file.
     return _read(str(source), tuple(columns), source.stat().st_mtime_ns)
 
@@ -78,6 +87,8 @@ def _read(path: str, columns: tuple[str, ...], mtime: int) -> LoadedData:
     source = Path(path)
     if is_text_table(source):
         return _read_text(source, columns)
+    if is_hf_dataset(source):
+        return _read_hf(source, columns)
     reader = _read_folder if source.is_dir() else READERS[source.suffix.lower()]
     images, labels, kept = reader(source, columns)
     if len(labels) == 0:
@@ -110,7 +121,7 @@ def _read_folder(folder: Path, columns: tuple[str, ...]) -> Read:
         for file in files:
             try:
                 with Image.open(file) as image:
-                    images.append(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)
+                    images.append(_image_array(image))
             except (UnidentifiedImageError, OSError) as error:
                 raise DataError(f"{file}: not a readable image ({error})") from None
             labels.append(int(class_folder.name))
@@ -202,26 +213,100 @@ def is_text_table(file: Path) -> bool:
 
 
 def _read_text(file: Path, columns: tuple[str, ...]) -> LoadedData:
-    """A text,label table: the texts as they are (tokenized for the run's model later), classes numbered."""
-    from pollen.text_data import TextDataError, class_labels, read_table, table_kind
+    from pollen.text_data import TextDataError, read_table
 
     try:
         rows = read_table(file)
-        kind = table_kind(file, rows)
-        if kind != ("text", "label"):
-            raise TextDataError(f"{file}: prompt,response tables train a causal LM directly (pollen.text_data); "
-                                "a federation reads text,label tables")
-        for number, row in enumerate(rows, 1):
-            if not isinstance(row.get("text"), str) or not row["text"].strip():
-                raise TextDataError(f"{file}: row {number} has no text")
-        labels, _ = class_labels(file, [row["label"] for row in rows])
+    except TextDataError as error:
+        raise DataError(str(error)) from None
+    return _text_data(str(file), rows, columns)
+
+
+def _text_data(source: str, rows: list[dict], columns: tuple[str, ...]) -> LoadedData:
+    """text,label rows (classes numbered) or prompt,response rows (no classes), as read."""
+    from pollen.text_data import TEXT, TextDataError, checked_kind, class_labels
+
+    try:
+        kind = checked_kind(source, rows)
+        if kind == TEXT:
+            labels, _ = class_labels(source, [row["label"] for row in rows])
+            inputs = np.asarray([row["text"] for row in rows], dtype=object)
+        else:  # tokenized for the run's causal LM later (pollen.text_data.instruction_split)
+            labels = np.zeros(len(rows), dtype=np.int64)
+            inputs = np.empty(len(rows), dtype=object)
+            inputs[:] = [{"prompt": row["prompt"], "response": row["response"]} for row in rows]
     except TextDataError as error:
         raise DataError(str(error)) from None
     missing = [name for name in columns if name not in rows[0]]
     if missing:
-        raise DataError(f"{file}: no column {missing[0]!r} (the table has {', '.join(rows[0])})")
+        raise DataError(f"{source}: no column {missing[0]!r} (the table has {', '.join(rows[0])})")
     kept = {name: np.asarray([row[name] for row in rows]) for name in columns}
-    return LoadedData(str(file), "text", np.asarray([row["text"] for row in rows], dtype=object), labels, kept)
+    return LoadedData(source, kind, inputs, labels.astype(np.int64), kept)
+
+
+def is_hf_dataset(path: Path) -> bool:
+    """A Hugging Face dataset written by ``save_to_disk`` (a Dataset or a DatasetDict) or ``to_parquet``."""
+    if path.is_dir():
+        return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+    return path.suffix.lower() == ".parquet"
+
+
+def _read_hf(source: Path, columns: tuple[str, ...]) -> LoadedData:
+    """Its examples as read: image,label, text,label or prompt,response columns.
+
+    A DatasetDict gives its ``train`` split; another split is the folder ``DICT/SPLIT``
+    (``data.test_path: DICT/test``). Image columns are the ``datasets.Image`` feature
+    (or a column named ``image`` or ``img``), labels the ``label`` column.
+    """
+    import datasets
+    import pyarrow
+    import pyarrow.parquet
+
+    try:
+        if source.is_dir():
+            dataset = datasets.load_from_disk(str(source))
+        else:  # the features saved in the file's schema (images, class names) come back with it
+            dataset = datasets.Dataset(pyarrow.parquet.read_table(source))
+    except (OSError, ValueError, pyarrow.ArrowException) as error:
+        raise DataError(f"{source}: not a readable Hugging Face dataset ({error})") from None
+    if isinstance(dataset, datasets.DatasetDict):
+        if "train" not in dataset:
+            raise DataError(f"{source}: a dataset dict without a 'train' split (it has {', '.join(dataset)}); "
+                            f"name a split's folder, e.g. {source / next(iter(dataset))}")
+        dataset = dataset["train"]
+    if len(dataset) == 0:
+        raise DataError(f"{source}: holds no examples")
+    names = dataset.column_names
+    missing = [name for name in columns if name not in names]
+    if missing:
+        raise DataError(f"{source}: no column {missing[0]!r} (the dataset has {', '.join(names)})")
+    if any(set(pair) <= set(names) for pair in (("text", "label"), ("prompt", "response"))):
+        return _text_data(str(source), dataset.to_list(), columns)
+    images = [name for name, feature in dataset.features.items() if isinstance(feature, datasets.Image)]
+    images += [name for name in ("image", "img") if name in names and name not in images]
+    if not images or "label" not in names:
+        raise DataError(f"{source}: expected columns image,label, text,label or prompt,response; "
+                        f"found {', '.join(names)}")
+    labels = np.asarray(dataset["label"])
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{source}: the label column must hold integer class numbers, got {labels.dtype}")
+    if labels.min() < 0:
+        raise DataError(f"{source}: labels must be class numbers 0, 1, ..., found {int(labels.min())}")
+    pictures = []
+    for number, image in enumerate(dataset[images[0]], 1):
+        try:
+            pictures.append(_image_array(image))
+        except (OSError, ValueError, AttributeError) as error:
+            raise DataError(f"{source}: example {number}'s {images[0]} is not a readable image ({error})") from None
+    if len({picture.shape for picture in pictures}) == 1:
+        pictures = np.stack(pictures)
+    kept = {name: np.asarray(dataset[name]) for name in columns}
+    return LoadedData(str(source), "image", pictures, labels.astype(np.int64), kept)
+
+
+def _image_array(image) -> np.ndarray:
+    """A PIL image (as ``datasets`` decodes one) -> [H, W, 3] floats in [0, 1]."""
+    return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
 
 
 # File suffix -> reader(path, columns) -> (inputs, labels, columns); folders are read by _read_folder,

@@ -33,6 +33,7 @@ gradient would reach adapters below it.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from math import prod
 
@@ -183,13 +184,17 @@ def quantize_base(model: nn.Module, names: list[str], scheme: str | Scheme | Non
 
 
 def linear_maps(base: nn.Module) -> list[str]:
-    """Names of the base's linear maps: nn.Linear and 1x1 convolutions (peft's LoRA targets too).
+    """Names of the base's linear maps: nn.Linear, 1x1 convolutions and transformers' Conv1D
+    (GPT-2's linear map with a transposed weight); peft's LoRA targets too.
 
     Spatial and depthwise convolutions stay fp32: they hold ~3% of EfficientNet-Lite0's
     weights, and int8 there (9 weights per channel) more than doubles the feature error.
+    A Conv1D weight is [in, out], so its rows (int8) and groups (int4) run along the
+    output dimension instead; the scheme is the same.
     """
+    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)  # loaded with any HF model
     return [name for name, module in base.named_modules()
-            if isinstance(module, nn.Linear)
+            if isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
             or (type(module) is nn.Conv2d and module.kernel_size == (1, 1) and module.groups == 1)]
 
 

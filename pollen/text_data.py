@@ -24,6 +24,7 @@ import torch
 
 IGNORE = -100  # label of a token nothing is predicted for (torch's cross_entropy ignore_index)
 COLUMNS = (("text", "label"), ("prompt", "response"))
+TEXT, INSTRUCTION = "text", "instruction"  # what a table's examples are (LoadedData.kind)
 
 
 class TextDataError(ValueError):
@@ -95,17 +96,31 @@ def class_labels(path: str | Path, values: list) -> tuple[np.ndarray, list[str]]
 
 def tokenized(path: str | Path, rows: list[dict], tokenizer, max_length: int) -> tuple[TextSplit, int]:
     """(the split, its number of classes; 0 for prompt/response tables)."""
-    first, second = table_kind(path, rows)
-    for number, row in enumerate(rows, 1):
-        if not isinstance(row.get(first), str) or not str(row.get(first)).strip():
-            raise TextDataError(f"{path}: row {number} has no {first}")
-    if first == "text":
+    kind = checked_kind(path, rows)
+    if kind == TEXT:
         labels, names = class_labels(path, [row["label"] for row in rows])
-        encoded = tokenizer([row["text"] for row in rows], padding="max_length", truncation=True,
-                            max_length=max_length, return_tensors="pt")
-        inputs = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
-        return TextSplit(inputs, torch.as_tensor(labels, dtype=torch.long)), len(names)
+        return classification_split([row["text"] for row in rows], labels, tokenizer, max_length), len(names)
     return instruction_split(path, rows, tokenizer, max_length), 0
+
+
+def checked_kind(path: str | Path, rows: list[dict]) -> str:
+    """TEXT or INSTRUCTION, after checking that every row has a non-empty text (or prompt and response)."""
+    first, second = table_kind(path, rows)
+    needed = (first,) if first == "text" else (first, second)
+    for number, row in enumerate(rows, 1):
+        for column in needed:
+            value = row.get(column)
+            if not isinstance(value, str) or (column != "response" and not value.strip()):
+                raise TextDataError(f"{path}: row {number} has no {column}")
+    return TEXT if first == "text" else INSTRUCTION
+
+
+def classification_split(texts: list[str], labels: np.ndarray, tokenizer, max_length: int) -> TextSplit:
+    """Each text tokenized to ``max_length`` tokens (padded, truncated); one class per example."""
+    encoded = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_length,
+                        return_tensors="pt")
+    inputs = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+    return TextSplit(inputs, torch.as_tensor(labels, dtype=torch.long))
 
 
 def instruction_split(path: str | Path, rows: list[dict], tokenizer, max_length: int) -> TextSplit:
@@ -115,8 +130,6 @@ def instruction_split(path: str | Path, rows: list[dict], tokenizer, max_length:
     mask = torch.zeros((len(rows), max_length), dtype=torch.long)
     labels = torch.full((len(rows), max_length), IGNORE, dtype=torch.long)
     for i, row in enumerate(rows):
-        if not isinstance(row.get("response"), str):
-            raise TextDataError(f"{path}: row {i + 1} has no response")
         prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
         end = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         response = tokenizer(row["response"], add_special_tokens=False)["input_ids"] + end

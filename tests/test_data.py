@@ -202,3 +202,62 @@ def test_partition_settings_are_checked_by_the_config():
     with pytest.raises(ConfigError, match="data.partition: 'fancy' is not one of iid, dirichlet, pathological"):
         load_config(overrides=["data.partition=fancy"])
     assert dataclasses.replace(DataConfig(), partition="shard").shards_per_partition == 2
+
+
+def hf_images(labels, named_classes=True):
+    import datasets
+
+    label = datasets.ClassLabel(num_classes=max(labels) + 1) if named_classes else datasets.Value("int64")
+    features = datasets.Features({"image": datasets.Image(), "label": label, "user_id": datasets.Value("int64")})
+    images = [Image.fromarray(RNG.integers(0, 256, (8, 8)).astype(np.uint8)) for _ in labels]
+    return datasets.Dataset.from_dict({"image": images, "label": list(labels),
+                                       "user_id": [i % 3 for i in range(len(labels))]}, features=features)
+
+
+@pytest.mark.parametrize("save", [
+    lambda data, p: data.save_to_disk(p / "saved") or p / "saved",
+    lambda data, p: data.to_parquet(p / "d.parquet") and p / "d.parquet",
+])
+def test_a_hugging_face_dataset_saved_to_disk_or_parquet_is_a_simulation_dataset(tmp_path, save):
+    path = save(hf_images(np.repeat([0, 1, 2], [6, 5, 5]).tolist()), tmp_path)
+    config = config_for(path)
+    assert num_classes(config.data) == 3
+    train, test = load_dataset(config)
+    assert (len(train), len(test)) == (12, 4) and train.images.shape[1:] == (3, 8, 8)
+    natural = config_for(path, "data.partition=natural", "data.partition_by=user_id")
+    shares = partitions(natural, 3)
+    assert sorted(np.concatenate(shares).tolist()) == list(range(12))
+
+
+def test_a_dataset_dicts_train_split_trains_and_its_test_split_folder_evaluates(tmp_path):
+    import datasets
+
+    datasets.DatasetDict({"train": hf_images([0, 1, 2] * 4), "test": hf_images([2, 1, 0])}).save_to_disk(tmp_path / "dd")
+    config = config_for(tmp_path / "dd", f"data.test_path={tmp_path / 'dd' / 'test'}")
+    train, test = load_dataset(config)
+    assert (len(train), len(test)) == (12, 3) and test.labels.tolist() == [2, 1, 0]
+
+
+def test_a_hugging_face_text_dataset_reads_as_text(tmp_path):
+    import datasets
+
+    from pollen.data import read_data
+
+    rows = {"text": ["good", "bad", "fine", "awful"], "label": [1, 0, 1, 0]}
+    datasets.Dataset.from_dict(rows).to_parquet(tmp_path / "t.parquet")
+    data = read_data(str(tmp_path / "t.parquet"))
+    assert data.kind == "text" and data.labels.tolist() == [1, 0, 1, 0] and list(data.inputs) == rows["text"]
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda p: __import__("datasets").DatasetDict({"validation": hf_images([0, 1])}).save_to_disk(p / "dd")
+     or p / "dd", "dd: a dataset dict without a 'train' split (it has validation)"),
+    (lambda p: __import__("datasets").Dataset.from_dict({"pixels": [1, 2], "label": [0, 1]}).save_to_disk(p / "x")
+     or p / "x", "x: expected columns image,label, text,label or prompt,response; found pixels, label"),
+    (lambda p: (p / "x.parquet").write_bytes(b"not parquet") and p / "x.parquet",
+     "x.parquet: not a readable Hugging Face dataset"),
+    (lambda p: __import__("datasets").Dataset.from_dict({"image": [None, None], "label": [0, 1]}).save_to_disk(p / "n")
+     or p / "n", "n: example 1's image is not a readable image"),
+])
+def test_a_bad_hugging_face_dataset_is_refused_naming_it(tmp_path, make, expected):
+    assert expected in one_line_error(make, tmp_path)

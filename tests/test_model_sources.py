@@ -11,6 +11,7 @@ from pollen.client.training import train_locally
 from pollen.config import ConfigError, TrainConfig, load_config
 from pollen.data import Split
 from pollen.hf_models import CAUSAL, IMAGE, SEQUENCE, task_of
+from pollen.metrics import loss_of
 from pollen.models import build_model, model_factory, trainable_arrays
 
 TOKENS = {"input_ids": torch.tensor([[1, 5, 7, 2], [1, 9, 3, 2]]), "attention_mask": torch.ones(2, 4, dtype=torch.long)}
@@ -115,6 +116,31 @@ def test_a_gpt2_like_directory_keeps_its_lm_head_and_trains_adapters(tmp_path):
     assert model(TOKENS).shape == (2, 4, 20)  # next-token logits over the vocabulary
     with pytest.raises(ValueError, match="keeps its own output layer"):
         build_model(model_config(path, "model.trainable=head", "model.quantize=none"), num_classes=3)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_a_gpt2_like_base_is_quantized_conv1d_included_and_its_adapters_learn(tmp_path, scheme):
+    from torch.nn.utils import parametrize
+    from transformers.pytorch_utils import Conv1D
+
+    from pollen.models import resident_bytes
+    from pollen.text_data import IGNORE
+
+    path = save_tiny("gpt2", tmp_path / "gpt2", vocab_size=64)
+    full = build_model(model_config(path, "model.quantize=none", "model.lora.dropout=0"), num_classes=0)
+    small = build_model(model_config(path, f"model.quantize={scheme}", "model.lora.dropout=0"), num_classes=0)
+    conv1d = [m for m in small.modules() if isinstance(m, Conv1D)]
+    assert conv1d and all(parametrize.is_parametrized(m, "weight") for m in conv1d)
+    assert resident_bytes(small) < 0.5 * resident_bytes(full)
+    tokens = torch.randint(0, 64, (2, 6))
+    inputs = {"input_ids": tokens, "attention_mask": torch.ones_like(tokens)}
+    reference, quantized = full.eval()(inputs), small.eval()(inputs)
+    assert torch.allclose(quantized, reference, atol=0.1 * reference.abs().max().item())
+    labels = torch.where(torch.rand(2, 6) < 0.5, tokens, torch.full_like(tokens, IGNORE))
+    labels[:, -1] = tokens[:, -1]
+    loss_of(small(inputs), labels).backward()
+    grads = [p.grad for name, p in small.named_parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
 
 
 def test_a_vit_like_directory_fine_tunes_on_images(tmp_path):

@@ -151,5 +151,45 @@ def test_text_with_a_torch_model_is_refused_naming_the_model(tmp_path):
 
     path = write_csv(tmp_path / "t.csv", SENTENCES)
     config = load_config(None, ["model.name=tiny-cnn", f"data.dataset={path}", "data.test_size=4"])
-    with pytest.raises(DataError, match="text needs a Hugging Face model"):
+    with pytest.raises(DataError, match="text examples need a text classifier.*tiny-cnn is a image-classification"):
         load_dataset(config)
+
+
+PAIRS = [{"prompt": "colour of the sky?", "response": "blue"}, {"prompt": "colour of grass?", "response": "green"},
+         {"prompt": "two plus two?", "response": "four"}, {"prompt": "capital of france?", "response": "paris"}] * 6
+
+
+def test_prompt_response_pairs_fine_tune_a_causal_lm_in_a_federation(tmp_path, tokenizer):
+    from pollen.data import load_dataset, num_classes
+    from pollen.run_folder import RunFolder
+    from pollen.simulations.run import simulate
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(pair) + "\n" for pair in PAIRS))
+    config = load_config(None, [f"model.name={model_dir('gpt2', tmp_path / 'gpt2', tokenizer)}",
+                                f"data.dataset={path}", "data.test_size=8", "data.max_length=12",
+                                "data.min_partition_size=1", "federation.num_clients=4",
+                                "federation.clients_per_round=4", "federation.rounds=3", "train.local_epochs=2",
+                                "train.lr=0.01", "codec.density=0.2"])
+    assert num_classes(config.data) == 0
+    train, test = load_dataset(config)
+    assert train.labels.shape == (16, 12) and (test.labels != IGNORE).any()
+    _, records = simulate(config, RunFolder(tmp_path / "run"))
+    assert [r.round for r in records] == [0, 1, 2, 3] and records[-1].rejected == 0
+    assert records[-1].loss < records[0].loss  # next-token loss on the held-out responses
+
+
+def test_each_kind_of_examples_needs_its_kind_of_model(tmp_path, tokenizer):
+    from pollen.data import load_dataset
+    from pollen.data_files import DataError
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(pair) + "\n" for pair in PAIRS))
+    texts = write_csv(tmp_path / "t.csv", SENTENCES)
+    bert, gpt2 = model_dir("bert", tmp_path / "bert", tokenizer), model_dir("gpt2", tmp_path / "gpt2", tokenizer)
+    for data, model, named in ((pairs, bert, "instruction examples need a causal LM"),
+                               (texts, gpt2, "text examples need a text classifier"),
+                               (pairs, "tiny-cnn", "instruction examples need a causal LM")):
+        config = load_config(None, [f"model.name={model}", f"data.dataset={data}", "data.test_size=4"])
+        with pytest.raises(DataError, match=named):
+            load_dataset(config)
