@@ -52,7 +52,7 @@ def train_locally(model: nn.Module, data: Split | TextSplit, settings: TrainConf
     total, seen = 0.0, 0
     for _ in range(settings.local_epochs):
         for batch in torch.randperm(len(data), generator=generator).split(settings.batch_size):
-            loss = loss_of(model(data.inputs_of(batch)), data.labels[batch])
+            loss = loss_of(model(data.training_inputs(batch, generator)), data.labels[batch])
             if proximal_mu > 0:
                 drift = sum(((p - p0) ** 2).sum() for p, p0 in zip(params, start))
                 loss = loss + proximal_mu / 2 * drift

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from pollen.augment import POLICIES as AUGMENT_POLICIES
 from pollen.codec import SCOPES, SELECTIONS, Codec, Identity, TopK
 from pollen.data import DATASETS, check_data
 from pollen.models import model_factory
@@ -94,6 +95,7 @@ class DataConfig:
     shards_per_partition: int = 2  # shard: label-sorted shards each client holds
     partition_by: str = ""  # natural: the per-example column (.npz array, .csv column), one client per value
     max_length: int = 128  # text: tokens per example (padded, truncated) with the model's tokenizer
+    augment: str = "none"  # images, local training only: none | affine | photo (pollen.augment)
 
     def check(self) -> None:
         if not self.dataset.strip():
@@ -106,6 +108,7 @@ class DataConfig:
         _at_least("data.classes_per_partition", self.classes_per_partition, 1)
         _at_least("data.shards_per_partition", self.shards_per_partition, 1)
         _at_least("data.max_length", self.max_length, 2)
+        _one_of("data.augment", self.augment, AUGMENT_POLICIES)
         if self.partition == "natural" and not self.partition_by.strip():
             raise ConfigError("data.partition_by: name the column a natural partition follows, e.g. user_id")
 

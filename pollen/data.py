@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pollen.augment import IMAGENET_MEAN, IMAGENET_STD, POLICIES, augmented
 from pollen.data_files import DataError, LoadedData, read_path
 from pollen.hf_models import CAUSAL, IMAGE, SEQUENCE, model_directory, task_of
 from pollen.partitions import partition
@@ -33,25 +34,27 @@ from pollen.text_data import (INSTRUCTION, TEXT, TextDataError, TextSplit, chat_
 if TYPE_CHECKING:
     from pollen.config import Config, DataConfig, ModelConfig
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
 @dataclass(frozen=True)
 class Split:
     images: torch.Tensor  # float32 [N, 3, H, W], normalised
     labels: torch.Tensor  # int64 [N]
+    augment: str = "none"  # the policy local training draws from (pollen.augment.POLICIES)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, indices: np.ndarray) -> Split:
         index = torch.as_tensor(indices, dtype=torch.long)
-        return Split(self.images[index], self.labels[index])
+        return Split(self.images[index], self.labels[index], self.augment)
 
     def inputs_of(self, index: torch.Tensor | slice) -> torch.Tensor:
-        """The model's inputs for these examples (text splits give a mapping of token tensors)."""
+        """The model's inputs for these examples, as they are (text splits give a mapping of token tensors)."""
         return self.images[index]
+
+    def training_inputs(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The inputs local training sees: augmented by the split's policy, drawn from ``generator``."""
+        policy = POLICIES[self.augment]
+        return self.images[index] if policy is None else augmented(self.images[index], policy, generator)
 
 
 @dataclass(frozen=True)
@@ -151,7 +154,8 @@ def check_data(config: Config) -> None:
 def load_dataset(config: Config) -> tuple[Split, Split]:
     """(train, test) ready for the model; the test split is what the server evaluates on."""
     train, test = _held_out(_source(config.data), config.seed)
-    return _as_split(train, config.model, config.data.max_length), _as_split(test, config.model, config.data.max_length)
+    data = config.data
+    return _as_split(train, config.model, data.max_length, data.augment), _as_split(test, config.model, data.max_length)
 
 
 def partitions(config: Config, num_partitions: int) -> list[np.ndarray]:
@@ -160,7 +164,7 @@ def partitions(config: Config, num_partitions: int) -> list[np.ndarray]:
 
 
 def load_local_data(path: str | Path, model: ModelConfig, num_classes: int | None,
-                    max_length: int) -> Split | TextSplit:
+                    max_length: int, augment: str = "none") -> Split | TextSplit:
     """A deployed device's own examples at ``path``, ready for the model.
 
     ``num_classes`` None checks only the format (before the device has joined a run, it
@@ -169,7 +173,7 @@ def load_local_data(path: str | Path, model: ModelConfig, num_classes: int | Non
     loaded = read_path(path)
     if num_classes is not None:
         _check_classes(loaded, num_classes)
-    return _as_split(loaded, model, max_length)
+    return _as_split(loaded, model, max_length, augment)
 
 
 def to_model_input(images: np.ndarray | list[np.ndarray], image_size: int) -> torch.Tensor:
@@ -259,7 +263,7 @@ def _check_classes(data: LoadedData, classes: int) -> None:
 
 
 @functools.lru_cache(maxsize=4)
-def _as_split(data: LoadedData, model: ModelConfig, max_length: int) -> Split | TextSplit:
+def _as_split(data: LoadedData, model: ModelConfig, max_length: int, augment: str = "none") -> Split | TextSplit:
     # Keyed by the LoadedData object itself (compared by identity): the readers' caches
     # hand back the same one for the same file.
     folder = model_directory(model.name)
@@ -267,6 +271,8 @@ def _as_split(data: LoadedData, model: ModelConfig, max_length: int) -> Split | 
     if TASK_OF_KIND[data.kind] != task:
         raise DataError(f"{data.source}: {data.kind} examples need {MODEL_FOR_KIND[data.kind]}; "
                         f"model.name {model.name} is a {task} model")
+    if augment != "none" and data.kind != "image":
+        raise DataError(f"data.augment: {augment} transforms images; {data.source} holds {data.kind} examples")
     try:
         if data.kind == TEXT:
             return classification_split(list(data.inputs), data.labels, load_tokenizer(folder), max_length)
@@ -274,7 +280,7 @@ def _as_split(data: LoadedData, model: ModelConfig, max_length: int) -> Split | 
             return instruction_split(data.source, list(data.inputs), load_tokenizer(folder), max_length)
     except TextDataError as error:
         raise DataError(str(error)) from None
-    return Split(to_model_input(data.inputs, model.image_size), torch.as_tensor(data.labels, dtype=torch.long))
+    return Split(to_model_input(data.inputs, model.image_size), torch.as_tensor(data.labels, dtype=torch.long), augment)
 
 
 @functools.lru_cache(maxsize=4)

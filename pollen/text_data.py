@@ -46,6 +46,10 @@ class TextSplit:
     def inputs_of(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
         return {name: tensor[index] for name, tensor in self.inputs.items()}
 
+    def training_inputs(self, index: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Text is trained on as it is (data.augment is for images)."""
+        return self.inputs_of(index)
+
 
 def read_table(path: str | Path) -> list[dict]:
     """The rows of a ``.csv`` (with a header) or ``.jsonl`` file, as dicts."""

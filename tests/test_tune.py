@@ -1,0 +1,123 @@
+"""pollen tune: Optuna trials over run-config keys, pruning, a resumable study, the report."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+import pollen.simulations.tune as tune_module
+from pollen.config import ConfigError, load_config
+from pollen.simulations.tune import load_tune, open_study, pareto_front, run_tune
+
+BASE = {"run": "tiny.yaml", "set": {"federation.rounds": 3, "federation.num_clients": 4,
+                                    "federation.clients_per_round": 2, "train.local_epochs": 1,
+                                    "data.test_size": 200}}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny federations: torch's threads cost more than they give on a shared machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tune_file(tmp_path, **values):
+    import shutil
+
+    shutil.copy("simulations/configs/tiny.yaml", tmp_path / "tiny.yaml")
+    path = tmp_path / "tune.yaml"
+    path.write_text(yaml.safe_dump({**BASE, **values}))
+    return path
+
+
+def test_a_study_runs_its_budget_writes_the_report_and_best_yaml_runs_as_is(tmp_path):
+    tune = load_tune(tune_file(tmp_path, trials=3, pruner="none", seed=1,
+                               space={"train.lr": {"low": "1e-3", "high": 5.0e-2, "log": True},
+                                      "codec.density": {"choices": [0.05, 0.2]}}))
+    lines = []
+    report = run_tune(tune, tmp_path / "out", on_trial=lines.append)
+    assert len(lines) == 3 and all(line.startswith("trial ") for line in lines)
+    assert all((tmp_path / "out" / name).is_file() for name in report.files)
+    assert report.best is not None and report.best.value == max(t.value for t in report.study.trials)
+    best = load_config(tmp_path / "out" / "best.yaml")
+    assert best.train.lr == report.best.params["train.lr"] and best.codec.density == report.best.params["codec.density"]
+    assert best.federation.rounds == 3  # the base's overrides are kept
+    rows = (tmp_path / "out" / "trials.csv").read_text().splitlines()
+    assert len(rows) == 4 and rows[0].startswith("trial,state,objective")
+    assert all(len(line) <= 100 and line == line.rstrip() for line in (tmp_path / "out" / "table.txt").read_text().splitlines())
+
+
+def test_a_rerun_carries_on_the_stored_study_up_to_the_new_budget(tmp_path):
+    path = tune_file(tmp_path, trials=2, pruner="none", sampler="random", space={"train.lr": {"low": 0.001, "high": 0.05}})
+    first = run_tune(load_tune(path), tmp_path / "out")
+    values = [t.value for t in first.study.trials]
+    path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "trials": 3}))
+    again = run_tune(load_tune(path), tmp_path / "out")
+    assert len(again.study.trials) == 3 and [t.value for t in again.study.trials[:2]] == values
+
+
+def test_a_federation_that_trails_is_pruned_after_the_warmup(tmp_path):
+    tune = load_tune(tune_file(tmp_path, trials=3, pruner="median", warmup_rounds=1, sampler="grid",
+                               space={"train.lr": {"choices": [0.05, 1.0e-7]}}))
+    study = open_study(tune, tmp_path / "out")
+    for lr in (0.05, 0.05, 1.0e-7):  # two good federations first: the median pruner needs them
+        study.enqueue_trial({"train.lr": lr})
+    report = run_tune(tune, tmp_path / "out")
+    states = [t.state for t in report.study.trials]
+    assert states == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.PRUNED]
+    pruned = report.study.trials[2]
+    assert 1 <= pruned.user_attrs["rounds"] < 3 and report.best.params["train.lr"] == 0.05
+
+
+def test_a_trial_cut_short_is_run_again_next_time(tmp_path, monkeypatch):
+    tune = load_tune(tune_file(tmp_path, trials=2, pruner="none", sampler="random",
+                               space={"train.lr": {"low": 0.001, "high": 0.05}}))
+    simulate, calls = tune_module.simulate, []
+
+    def interrupted_second(config, folder, on_round):
+        calls.append(config.train.lr)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return simulate(config, folder, on_round)
+
+    monkeypatch.setattr(tune_module, "simulate", interrupted_second)
+    with pytest.raises(KeyboardInterrupt):
+        run_tune(tune, tmp_path / "out")
+    monkeypatch.setattr(tune_module, "simulate", simulate)
+    report = run_tune(tune, tmp_path / "out")
+    complete = [t for t in report.study.trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == 2 and complete[1].params["train.lr"] == calls[1]  # the cut trial, again
+
+
+def test_an_mb_limit_keeps_the_best_within_it():
+    assert pareto_front([(1.0, 0.5), (0.5, 0.6), (2.0, 0.9), (3.0, 0.8)]) == [(0.5, 0.6), (2.0, 0.9)]
+
+
+@pytest.mark.parametrize("values, named", [
+    ({"space": {"train.nope": {"low": 1, "high": 2}}}, "train.nope"),
+    ({"space": {"train.lr": {"low": 0.1, "high": 0.01}}}, "space.train.lr: needs low < high"),
+    ({"space": {"train.lr": {"low": 0, "high": 0.1, "log": True}}}, "low > 0 on a log scale"),
+    ({"space": {"train.lr": {"low": "fast", "high": 0.1}}}, "space.train.lr.low: expected a finite number"),
+    ({"space": {"federation.strategy": {"choices": ["sparse-fedavg", "nope"]}}}, "nope"),
+    ({"space": {"train.lr": {"low": 0.01, "high": 0.1}}, "sampler": "grid"}, "grid searches choices only"),
+    ({"space": {"train.lr": {"choices": [0.1]}}, "pruner": "sometimes"}, "pruner: must be one of median"),
+    ({"space": {"train.lr": {"choices": [0.1]}}, "trials": 0}, "trials: expected an integer of at least 1"),
+    ({"space": {}}, "space: expected a mapping"),
+    ({"space": {"train.lr": {"choices": [0.1]}}, "budget": 3}, "budget: unknown key"),
+])
+def test_a_bad_tune_config_is_one_line_naming_the_key(tmp_path, values, named):
+    with pytest.raises(ConfigError, match=named) as error:
+        load_tune(tune_file(tmp_path, **values))
+    assert "\n" not in str(error.value)
+
+
+def test_the_example_tune_config_loads():
+    tune = load_tune("simulations/configs/tune.yaml")
+    assert {p.key for p in tune.space} >= {"train.lr", "codec.density"} and tune.trials >= 10
+    assert isinstance(optuna.samplers.TPESampler(), optuna.samplers.BaseSampler)
