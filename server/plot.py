@@ -45,3 +45,28 @@ def plot_run(records: list[RoundRecord], path: Path, label: str = "run") -> Path
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_confusion(confusion: list[list[int]], path: Path) -> Path:
+    """The confusion matrix of the final model on the central split: each row (true class) as shares,
+    with the counts written in the cells when the classes are few enough to read them."""
+    import numpy as np
+
+    counts = np.asarray(confusion)
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    classes = len(counts)
+    fig, ax = plt.subplots(figsize=(1.5 + 0.45 * max(classes, 6), 1 + 0.45 * max(classes, 6)))
+    image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    if classes <= 20:
+        for (row, column), count in np.ndenumerate(counts):
+            ax.text(column, row, str(count), ha="center", va="center", fontsize=8,
+                    color="white" if shares[row, column] > 0.5 else "black")
+    ticks = range(classes) if classes <= 30 else range(0, classes, max(1, classes // 15))
+    ax.set_xticks(list(ticks))
+    ax.set_yticks(list(ticks))
+    ax.set(xlabel="predicted class", ylabel="true class", title="Final model on the central test split")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

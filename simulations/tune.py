@@ -46,6 +46,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import optuna  # noqa: E402
 import yaml  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
@@ -362,7 +363,7 @@ MARKERS = {TrialState.COMPLETE: ("o", "complete"), TrialState.PRUNED: ("x", "pru
 
 
 def plot_objective(tune: TuneConfig, trials: list[optuna.trial.FrozenTrial], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
     for state, (marker, label) in MARKERS.items():
         shown = [t for t in trials if t.state == state]
         if shown:
@@ -378,10 +379,15 @@ def plot_objective(tune: TuneConfig, trials: list[optuna.trial.FrozenTrial], pat
     ax.set_ylabel(f"{tune.objective} central accuracy")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize="small")
-    fig.tight_layout()
+    _legend_below(fig, ax)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _legend_below(fig: plt.Figure, ax: plt.Axes) -> None:
+    """The legend under the axes, where it covers no trial."""
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=4, fontsize="small", frameon=False)
+    fig.tight_layout()
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -395,7 +401,7 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
 
 
 def plot_accuracy_by_mb(tune: TuneConfig, trials: list[optuna.trial.FrozenTrial], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
     for state, (marker, label) in MARKERS.items():
         shown = [t for t in trials if t.state == state and "total_mb" in t.user_attrs]
         if shown:
@@ -410,10 +416,13 @@ def plot_accuracy_by_mb(tune: TuneConfig, trials: list[optuna.trial.FrozenTrial]
     sizes = [t.user_attrs["total_mb"] for t in trials if t.user_attrs.get("total_mb")]
     if sizes and max(sizes) > 10 * min(sizes):
         ax.set_xscale("log")
+        plain = matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}")
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_locator(matplotlib.ticker.LogLocator(subs=(2, 5)))  # 1, 2, 5, 10, 20, ...
+        ax.xaxis.set_minor_formatter(plain)
     ax.set_xlabel("MB on the wire over the run (uplink + downlink)")
     ax.set_ylabel(f"{tune.objective} central accuracy")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize="small")
-    fig.tight_layout()
+    _legend_below(fig, ax)
     fig.savefig(path, dpi=120)
     plt.close(fig)
