@@ -1,4 +1,4 @@
-"""The run's plot: accuracy by round, by uplink MB and (with simulated devices) by simulated time."""
+"""The run's plots: accuracy by round, by MB on the wire, by simulated time; the final confusion matrix."""
 
 from __future__ import annotations
 
@@ -8,39 +8,69 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
+from pollen.config import Config  # noqa: E402
 from pollen.run_folder import RoundRecord  # noqa: E402
 
 MB = 1e6
 
 
-def cumulative_uplink_mb(records: list[RoundRecord]) -> list[float]:
+def cumulative_mb(records: list[RoundRecord], downlink: bool = True) -> list[float]:
+    """MB on the wire up to and including each round: uplink, plus downlink unless ``downlink`` is False."""
     total, out = 0, []
     for entry in records:
-        total += entry.uplink_bytes
+        total += entry.uplink_bytes + (entry.downlink_bytes if downlink else 0)
         out.append(total / MB)
     return out
 
 
+def run_label(config: Config) -> str:
+    """What a run sends and trains, as a person says it: "top-k 1%, 8-bit; LoRA"."""
+    codec = config.codec
+    sent = "dense fp32" if codec.name == "identity" else (
+        f"top-k {codec.density * 100:g}%, " + ("signs" if codec.bits == 1 else f"{codec.bits}-bit"))
+    trained = {"lora": "LoRA", "head": "head only", "full": "full fine-tune"}.get(config.model.trainable,
+                                                                                   config.model.trainable)
+    return f"{sent}; {trained}"
+
+
+def log_scale_if_wide(axis: plt.Axes, values: list[float]) -> None:
+    """A log x axis, plainly labelled (1, 2, 5, 10, ...), when the values span more than 10x."""
+    positive = [v for v in values if v > 0]
+    if positive and max(positive) > 10 * min(positive):
+        axis.set_xscale("log")
+        plain = matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}")
+        axis.xaxis.set_major_formatter(plain)
+        axis.xaxis.set_minor_locator(matplotlib.ticker.LogLocator(subs=(2, 5)))
+        axis.xaxis.set_minor_formatter(plain)
+
+
 def plot_run(records: list[RoundRecord], path: Path, label: str = "run") -> Path:
-    """Accuracy vs round, vs cumulative uplink MB and (with simulated devices) vs simulated time."""
+    """Accuracy by round, by MB on the wire (uplink alone and uplink + downlink, what a device
+    pays) and, with simulated devices, by simulated time."""
     simulated = all(entry.simulated_seconds is not None for entry in records)
-    fig, axes = plt.subplots(1, 3 if simulated else 2, figsize=(16 if simulated else 11, 4))
+    fig, axes = plt.subplots(1, 3 if simulated else 2, figsize=(15 if simulated else 10.5, 4.2))
     by_round, by_bytes = axes[:2]
     rounds = [entry.round for entry in records]
     accuracy = [entry.accuracy for entry in records]
     by_round.plot(rounds, accuracy, marker="o", label=label)
-    by_round.set(xlabel="round", ylabel="test accuracy", title="Accuracy by round")
-    by_bytes.plot(cumulative_uplink_mb(records), accuracy, marker="o", label=label)
-    by_bytes.set(xlabel="cumulative uplink (MB on the wire)", ylabel="test accuracy",
-                 title="Accuracy by uplink traffic")
+    by_round.set(xlabel="round", ylabel="central test accuracy", title="Accuracy by round")
+    by_round.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    trained = records[1:] or records  # round 0 sends nothing: no place on an MB axis
+    up, both = cumulative_mb(trained, downlink=False), cumulative_mb(trained)
+    by_bytes.plot(both, [e.accuracy for e in trained], marker="o", label="uplink + downlink")
+    by_bytes.plot(up, [e.accuracy for e in trained], marker=".", linestyle="--", label="uplink only")
+    by_bytes.set(xlabel="MB on the wire so far", ylabel="central test accuracy",
+                 title=f"Accuracy by traffic ({label})")
+    log_scale_if_wide(by_bytes, up + both)
     if simulated:
         axes[2].plot([entry.simulated_seconds / 60 for entry in records], accuracy, marker="o", label=label)
-        axes[2].set(xlabel="simulated time (min)", ylabel="test accuracy",
+        axes[2].set(xlabel="simulated time (min)", ylabel="central test accuracy",
                     title="Accuracy by simulated device time")
     for axis in axes:
         axis.grid(alpha=0.3)
-        axis.legend()
+        axis.legend(loc="lower right", fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -46,7 +46,6 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
-import matplotlib.ticker  # noqa: E402
 import optuna  # noqa: E402
 import yaml  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
@@ -56,6 +55,7 @@ from rich.table import Table  # noqa: E402
 
 from pollen.config import Config, ConfigError, load_config, save_config  # noqa: E402
 from pollen.run_folder import RoundRecord, RunFolder  # noqa: E402
+from pollen.server.plot import log_scale_if_wide  # noqa: E402
 from pollen.simulations.compare import overridden  # noqa: E402
 from pollen.simulations.run import simulate  # noqa: E402
 from pollen.strategies import check_strategy  # noqa: E402
@@ -413,13 +413,7 @@ def plot_accuracy_by_mb(tune: TuneConfig, trials: list[optuna.trial.FrozenTrial]
         ax.step(*zip(*front), where="post", color="black", linewidth=1, label="Pareto front (complete trials)")
     if tune.max_total_mb is not None:
         ax.axvline(tune.max_total_mb, color="grey", linestyle="--", linewidth=1, label="MB limit")
-    sizes = [t.user_attrs["total_mb"] for t in trials if t.user_attrs.get("total_mb")]
-    if sizes and max(sizes) > 10 * min(sizes):
-        ax.set_xscale("log")
-        plain = matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}")
-        ax.xaxis.set_major_formatter(plain)
-        ax.xaxis.set_minor_locator(matplotlib.ticker.LogLocator(subs=(2, 5)))  # 1, 2, 5, 10, 20, ...
-        ax.xaxis.set_minor_formatter(plain)
+    log_scale_if_wide(ax, [t.user_attrs.get("total_mb", 0.0) for t in trials])
     ax.set_xlabel("MB on the wire over the run (uplink + downlink)")
     ax.set_ylabel(f"{tune.objective} central accuracy")
     ax.grid(alpha=0.3)
