@@ -9,8 +9,9 @@ differences come from the strategy or codec alone. The report folder holds:
     table.txt               the table printed to the terminal
     summary.csv             one row per variant (mean and std over seeds)
     rounds.csv              one row per variant, seed and round
-    accuracy_by_round.png   mean accuracy over seeds (band: min to max) by round
+    accuracy_by_round.png   mean accuracy over seeds (band: ±1 std, as in the table) by round
     accuracy_by_mb.png      the same by cumulative uplink + downlink MB
+    report.html             the table, both plots and the configs in one self-contained page
     runs/<variant>/seed-<n> each run's own record, plot and checkpoint
 """
 
@@ -30,20 +31,23 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 from rich import box  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from pollen.config import Config, ConfigError, from_dict, load_config, to_dict, with_overrides  # noqa: E402
+from pollen.config import (Config, ConfigError, differences, from_dict, load_config, run_config_of,  # noqa: E402
+                           to_dict, with_overrides)
 from pollen.run_folder import RoundRecord, RunFolder  # noqa: E402
+from pollen.server.plot import codec_label, log_scale_if_wide  # noqa: E402
 from pollen.simulations.run import simulate  # noqa: E402
 from pollen.strategies import check_strategy  # noqa: E402
 
 MB = 1e6
 KEYS = ("run", "set", "seeds", "target_accuracy", "output_dir", "variants")
-FILES = ("table.txt", "summary.csv", "rounds.csv", "accuracy_by_round.png", "accuracy_by_mb.png")
+FILES = ("table.txt", "summary.csv", "rounds.csv", "accuracy_by_round.png", "accuracy_by_mb.png", "report.html")
 
 
 @dataclass(frozen=True)
@@ -168,10 +172,9 @@ def summarize(label: str, config: Config, results: list[RunResult], target: floa
     finals = np.array([r.records[-1].accuracy for r in results])
     reached = [(r.round_to_target(target), r) for r in results]
     reached = [(rnd, r) for rnd, r in reached if rnd is not None]
-    codec = config.codec
     return VariantSummary(
         variant=label, strategy=config.federation.strategy,
-        codec=f"topk {codec.density:g} {codec.bits}-bit" if codec.name == "topk" else codec.name,
+        codec=codec_label(config.codec),
         final_accuracy_mean=float(finals.mean()),
         final_accuracy_std=float(finals.std(ddof=1)) if finals.size > 1 else 0.0,
         reached=len(reached), seeds=len(results),
@@ -183,8 +186,8 @@ def summarize(label: str, config: Config, results: list[RunResult], target: floa
 
 
 def summary_table(summaries: list[VariantSummary], target: float) -> Table:
-    table = Table(title=f"pollen compare: mean over seeds; target accuracy {target:g}; "
-                        "MB = uplink + downlink on the wire; (k/n) = seeds that reached the target",
+    table = Table(title=f"pollen compare: mean ± std over seeds; target accuracy {target:g}; MB = uplink + "
+                        "downlink on the wire; (k/n): only k of n seeds reached the target, the mean is theirs",
                   title_justify="left", box=box.SIMPLE_HEAD)
     table.add_column("variant", no_wrap=True)
     for column in ("final acc", "rounds\nto target", "MB\nto target", "total\nMB", "wall\ns"):
@@ -205,7 +208,7 @@ def write_report(folder: Path, compare: CompareConfig, summaries: list[VariantSu
                  results: list[RunResult], table: Table) -> None:
     text = io.StringIO()
     Console(file=text, width=140, color_system=None).print(table)
-    (folder / "table.txt").write_text(text.getvalue())
+    (folder / "table.txt").write_text("".join(line.rstrip() + "\n" for line in text.getvalue().splitlines()))
     with (folder / "summary.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=[f.name for f in dataclasses.fields(VariantSummary)])
         writer.writeheader()
@@ -223,23 +226,80 @@ def write_report(folder: Path, compare: CompareConfig, summaries: list[VariantSu
                 by_mb=False, target=compare.target_accuracy)
     plot_curves(folder / "accuracy_by_mb.png", results, [label for label, _ in compare.variants],
                 by_mb=True, target=compare.target_accuracy)
+    write_html(folder, compare, summaries)
+
+
+def write_html(folder: Path, compare: CompareConfig, summaries: list[VariantSummary]) -> Path:
+    """report.html: the table, the two plots inlined and the configs that produced them; one file, offline."""
+    import base64
+    import html
+
+    columns = ("variant", "strategy", "codec", "final accuracy (mean ± std)", "seeds at target",
+               "rounds to target", "MB to target", "total MB", "wall s")
+    rows = []
+    for s in summaries:
+        cells = (s.variant, s.strategy, s.codec, f"{s.final_accuracy_mean:.3f} ± {s.final_accuracy_std:.3f}",
+                 f"{s.reached}/{s.seeds}", "never" if s.rounds_to_target is None else f"{s.rounds_to_target:.1f}",
+                 "-" if s.mb_to_target is None else f"{s.mb_to_target:.2f}", f"{s.total_mb:.2f}",
+                 f"{s.wall_seconds:.1f}")
+        rows.append("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in cells) + "</tr>")
+    images = "".join(
+        f'<figure><img alt="{name}" src="data:image/png;base64,'
+        f'{base64.b64encode((folder / name).read_bytes()).decode()}"><figcaption>{name}</figcaption></figure>'
+        for name in ("accuracy_by_round.png", "accuracy_by_mb.png"))
+    configs = yaml.safe_dump({"base": to_dict(compare.base), "seeds": list(compare.seeds),
+                              "target_accuracy": compare.target_accuracy,
+                              "variants": {label: {key: run_config_of(config).get(key)
+                                                   for key in differences(compare.base, config)}
+                                           for label, config in compare.variants}}, sort_keys=False)
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>pollen compare</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:70em}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:right}}td:first-child,th:first-child{{text-align:left}}
+img{{max-width:100%}}pre{{background:#f6f6f6;padding:1em;overflow:auto}}</style></head><body>
+<h1>pollen compare</h1>
+<p>Mean ± standard deviation over seeds {", ".join(map(str, compare.seeds))}; target accuracy
+{compare.target_accuracy:g}. Rounds and MB to target are means over the seeds that reached it. MB counts uplink
+and downlink on the wire.</p>
+<table><thead><tr>{"".join(f"<th>{html.escape(c)}</th>" for c in columns)}</tr></thead>
+<tbody>{"".join(rows)}</tbody></table>
+{images}
+<h2>Configuration</h2><pre>{html.escape(configs)}</pre>
+</body></html>
+"""
+    path = folder / "report.html"
+    path.write_text(page)
+    return path
 
 
 def plot_curves(path: Path, results: list[RunResult], labels: list[str], by_mb: bool, target: float) -> None:
-    """Mean accuracy over seeds per variant, with a min-max band, by round or by cumulative MB."""
-    fig, axis = plt.subplots(figsize=(8, 5))
+    """Mean accuracy over seeds per variant, with a band of one standard deviation either side (the
+    table's ±), by round or by cumulative MB (log scale when the variants span more than tenfold)."""
+    fig, axis = plt.subplots(figsize=(9, 5))
+    spans = []
     for label in labels:
         runs = [r for r in results if r.variant == label]
         accuracy = np.array([[rec.accuracy for rec in r.records] for r in runs])
-        x = np.mean([r.cumulative_mb() for r in runs], axis=0) if by_mb else [rec.round for rec in runs[0].records]
-        line, = axis.plot(x, accuracy.mean(axis=0), marker="o", markersize=3, label=label)
-        axis.fill_between(x, accuracy.min(axis=0), accuracy.max(axis=0), color=line.get_color(), alpha=0.15)
+        x = np.mean([r.cumulative_mb() for r in runs], axis=0) if by_mb else np.array([rec.round for rec in runs[0].records])
+        if by_mb:  # round 0 has sent nothing yet: no place on a log axis
+            x, accuracy = x[1:], accuracy[:, 1:]
+            spans.extend(x.tolist())
+        mean = accuracy.mean(axis=0)
+        std = accuracy.std(axis=0, ddof=1) if len(runs) > 1 else np.zeros_like(mean)
+        line, = axis.plot(x, mean, marker="o", markersize=3, label=label)
+        axis.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15)
     axis.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:g}")
+    seeds = len({r.seed for r in results})
     axis.set(xlabel="cumulative uplink + downlink MB on the wire" if by_mb else "round",
-             ylabel="test accuracy", title="Accuracy by traffic" if by_mb else "Accuracy by round")
-    axis.set_xlim(left=0)
+             ylabel="central test accuracy",
+             title=f"{'Accuracy by traffic' if by_mb else 'Accuracy by round'}: mean of {seeds} seeds, "
+                   "band ±1 std")
+    if by_mb:
+        log_scale_if_wide(axis, spans)
+    else:
+        axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
+    axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # beside the curves
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -59,6 +59,35 @@ def test_compare_writes_table_csv_and_plots(tmp_path, capsys, restore_threads):
     starts = {(r["variant"], r["seed"]): r["accuracy"] for r in rounds if r["round"] == "0"}
     assert starts["fedavg", "0"] == starts["fedadam-dense", "0"]
     assert (out / "runs" / "fedavg" / "seed-1" / "rounds.jsonl").exists()
+    assert all(line == line.rstrip() for line in (out / "table.txt").read_text().splitlines())
+    check_html(out / "report.html", ["fedavg", "fedadam-dense"])
+
+
+def check_html(path, variants):
+    """The page parses, holds one table row per variant, both plots inline and the configs."""
+    import base64
+    from html.parser import HTMLParser
+
+    class Page(HTMLParser):
+        rows, images, text, sources = 0, [], "", []
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            if tag == "tr":
+                Page.rows += 1
+            if tag == "img":
+                Page.images.append(attrs["src"])
+            if tag in ("link", "script") and (attrs.get("href") or attrs.get("src")):
+                Page.sources.append(attrs.get("href") or attrs.get("src"))
+
+        def handle_data(self, data):
+            Page.text += data
+
+    Page().feed(path.read_text())
+    assert Page.rows == 1 + len(variants) and not Page.sources  # a header row; nothing fetched from elsewhere
+    assert len(Page.images) == 2 and all(src.startswith("data:image/png;base64,") for src in Page.images)
+    assert all(base64.b64decode(src.split(",", 1)[1])[:4] == b"\x89PNG" for src in Page.images)
+    assert all(variant in Page.text for variant in variants) and "federation.strategy: fedadam" in Page.text
 
 
 @pytest.mark.parametrize("text, named", [
