@@ -2,7 +2,8 @@
 
 Starts a real SuperLink (TLS, node authentication) behind the Fleet proxy, as `pollen server`
 does, and two `pollen client` SuperNodes on 127.0.0.1, runs the tiny config for a few
-rounds, then the same config in process.
+rounds, then the same config in process. A third device key, never connected, is revoked
+during the run: how long the running server takes to unregister it.
 Prints JSON. Usage: python benchmarks/deploy_loopback.py [--rounds 3]
 """
 
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pollen.certs import make_certificates
+from pollen.certs import make_certificates, revoke_devices
 from pollen.config import load_config
 from pollen.flower_processes import ProcessTree, free_port, offline_env
 from pollen.run_folder import RunFolder
@@ -45,16 +46,24 @@ def main() -> None:
     digits = load_digits()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        certs = make_certificates(tmp / "certs", ["localhost", "127.0.0.1"], devices=2)
+        certs = make_certificates(tmp / "certs", ["localhost", "127.0.0.1"], devices=3)
         port, clients = free_port(), []
         started = time.monotonic()
         first_round = [None]
+        revoked: dict[str, float] = {}
         run = RunFolder(tmp / "run")
         deployment = Deployment(config, run.path, certs.folder, host="127.0.0.1", port=port)
 
         def watch() -> None:
             if first_round[0] is None and any(r.round == 1 for r in run.records()):
                 first_round[0] = time.monotonic() - started
+            if "at" not in revoked:
+                revoke_devices(certs.folder, ["device-2"])
+                revoked["at"] = time.monotonic()
+
+        def unregistered(line: str) -> None:
+            if line.startswith("device-2: unregistered"):
+                revoked["seconds"] = time.monotonic() - revoked["at"]
 
         try:
             deployment.start()
@@ -67,7 +76,7 @@ def main() -> None:
                            "--ca", str(certs.ca_cert), "--key", str(certs.device_keys[i]), "--data", str(data),
                            "--local-port", str(free_port())]
                 clients.append(ProcessTree.start(command, tmp / f"device-{i}.log", offline_env(tmp / f"home-{i}")))
-            status = deployment.wait(timeout=1200, on_poll=watch, poll=0.5)
+            status = deployment.wait(timeout=1200, on_poll=watch, poll=0.5, on_change=unregistered)
             total = time.monotonic() - started
         finally:
             for client in clients:
@@ -86,6 +95,8 @@ def main() -> None:
             "flower_message_bytes_per_round": (traffic["inbound-bytes"] + traffic["outbound-bytes"]) / args.rounds,
             "final_accuracy": deployed[-1].accuracy,
             "fleet_proxy_limits": dataclasses.asdict(deployment.limits),
+            # revoke_devices to `flwr supernode unregister` done, polling every 0.5 s
+            "seconds_revoke_to_unregistered": round(revoked["seconds"], 1),
         },
         "simulation": {"records_per_round": per_round(simulated), "final_accuracy": simulated[-1].accuracy},
     }, indent=2))

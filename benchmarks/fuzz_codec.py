@@ -3,7 +3,8 @@
     python benchmarks/fuzz_codec.py [--cases 100000] [--seed 0] > fuzz_codec.json
 
 Payloads are valid updates of a small model layout with bytes flipped, inserted,
-deleted, truncated or spliced, plus pure random blobs. For every case the decoder
+deleted, truncated or spliced, plus pure random blobs; every other case gets a fresh
+CRC-32 after the mutation, so the checks behind the CRC see it too. For every case the decoder
 must either raise CodecError with a message, or return arrays of exactly the
 layout's shapes with finite values. Peak memory per decode (tracemalloc, on a
 sample) must stay within the layout's dense size plus a fixed allowance; the
@@ -23,7 +24,7 @@ import tracemalloc
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
-from pollen.codec import CodecError, TopK, decode, encode
+from pollen.codec import CodecError, TopK, decode, encode, sealed
 
 LAYOUT = {"conv": (32, 16, 1, 1), "lora_A": (8, 64), "lora_B": (64, 8), "head": (10, 64), "bias": (10,)}
 CODECS = [TopK(density=0.05), TopK(density=0.2, bits=4, block=16), TopK(density=0.1, bits=1),
@@ -75,6 +76,8 @@ def main() -> None:
         codec, blob = valid[case % len(valid)]
         blob = rng.integers(0, 256, rng.integers(0, 200), dtype=np.uint8).tobytes() \
             if case % 10 == 9 else mutate(blob, rng)
+        if case % 2 and len(blob) > 4:  # re-sealed, as a hostile sender would: the parser behind the CRC sees it
+            blob = sealed(blob[:-4])
         measure = case % 100 == 0
         if measure:
             tracemalloc.start()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -32,8 +33,9 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(round_config.get("server-round", 0))
     seed = config.seed * 1_000_003 + server_round * 10_007 + int(context.node_config["partition-id"])
     started = time.perf_counter()
-    run = train_locally(model, data, config.train, proximal_mu=float(round_config.get("proximal-mu", 0.0)),
-                        seed=seed)
+    # The round's learning rate comes from the server (train.lr_schedule); train.lr without one.
+    settings = dataclasses.replace(config.train, lr=float(round_config.get("lr", config.train.lr)))
+    run = train_locally(model, data, settings, proximal_mu=float(round_config.get("proximal-mu", 0.0)), seed=seed)
     seconds = time.perf_counter() - started
 
     local = trainable_arrays(model)
@@ -86,7 +88,7 @@ def local_data(config: Config, node_config: dict) -> Split:
     """This node's share of the training split (simulation: by ``partition-id``)."""
     if DATA_PATH in node_config:  # a deployed device: its own files, read as data.dataset is (pollen.data)
         return load_local_data(str(node_config[DATA_PATH]), config.model, num_classes(config.data),
-                               config.data.max_length)
+                               config.data.max_length, config.data.augment)
     partition_id = int(node_config["partition-id"])
     num_partitions = int(node_config.get("num-partitions", config.federation.num_clients))
     parts = partitions(config, num_partitions)

@@ -8,6 +8,15 @@
 - ``devices/device-N.key`` / ``devices/device-N.pub``: one EC key pair per device; the
   SuperLink admits only nodes whose public key was registered (SuperNode authentication)
 
+Afterwards, on the same folder: ``add_devices`` writes more key pairs, numbered after the
+highest ever issued; ``revoke_devices`` moves a device's pair into ``revoked/``, so no
+server registers it again (a running ``pollen server`` unregisters it); and
+``renew_server_certificate`` re-issues only ``server.pem``/``server.key`` from the same
+CA, so devices keep their ``ca.pem`` and keys.
+
+Lifetimes: the CA ``CA_VALID_DAYS``, the server certificate ``VALID_DAYS``; device keys
+are bare keys without expiry (they are trusted for as long as their ``.pub`` is registered).
+
 Private keys are written owner-read-only (0600), the folder 0700; nothing is overwritten
 unless asked, because replacing a CA silently locks every device out.
 """
@@ -17,6 +26,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +38,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 CA_CERT, CA_KEY = "ca.pem", "ca.key"
 SERVER_CERT, SERVER_KEY = "server.pem", "server.key"
 DEVICES = "devices"
+REVOKED = "revoked"  # device key pairs taken out of the federation, kept so their numbers are never reused
+CA_VALID_DAYS = 3650
 VALID_DAYS = 825  # the longest server-certificate lifetime common TLS clients accept
+EXPIRY_WARNING_DAYS = 30
+DEVICE_NAME = re.compile(r"device-(\d+)")
 
 
 class CertificateError(ValueError):
@@ -85,7 +99,7 @@ def make_certificates(folder: str | Path, server_names: list[str], devices: int 
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Pollen federation CA")])
     ca_cert = (
-        _builder(ca_name, ca_name, ca_key.public_key(), now, days=3650)
+        _builder(ca_name, ca_name, ca_key.public_key(), now, now + datetime.timedelta(days=CA_VALID_DAYS))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
                                      content_commitment=False, key_encipherment=False,
@@ -94,30 +108,91 @@ def make_certificates(folder: str | Path, server_names: list[str], devices: int 
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    server_cert = (
-        _builder(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, server_names[0])]), ca_name,
-                 server_key.public_key(), now, days=VALID_DAYS)
-        .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                       critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
     _write(paths.ca_key, _private_pem(ca_key), private=True)
     _write(paths.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), private=False)
-    _write(paths.server_key, _private_pem(server_key), private=True)
-    _write(paths.server_cert, server_cert.public_bytes(serialization.Encoding.PEM), private=False)
+    _write_server_certificate(paths.folder, ca_cert, ca_key, server_names, alt_names, now)
     for private_path, public_path in zip(paths.device_keys, paths.device_public_keys):
-        key = ec.generate_private_key(ec.SECP384R1())
-        # OpenSSH format: what Flower's SuperNode and `flwr supernode register` read
-        _write(private_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                               serialization.NoEncryption()), private=True)
-        _write(public_path, key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                                          serialization.PublicFormat.OpenSSH) + b"\n",
-               private=False)
+        _write_device_pair(private_path, public_path)
     return paths
+
+
+def renew_server_certificate(folder: str | Path, server_names: list[str]) -> Path:
+    """Re-issue ``server.pem``/``server.key`` from the folder's CA; ``ca.pem`` and device keys stay.
+
+    The new certificate is valid ``VALID_DAYS`` from now, but never past the CA.
+    """
+    folder = Path(folder)
+    if not server_names:
+        raise CertificateError("--server-name: give at least one host name or IP address the devices dial")
+    alt_names = [_alt_name(name) for name in server_names]
+    for name in (CA_CERT, CA_KEY):
+        if not (folder / name).is_file():
+            raise CertificateError(f"{folder / name}: missing; renewing needs the CA that signed the devices' "
+                                   f"ca.pem (a new federation: `pollen certs {folder} --force --server-name HOST`)")
+    try:
+        ca_cert = x509.load_pem_x509_certificate((folder / CA_CERT).read_bytes())
+        ca_key = serialization.load_pem_private_key((folder / CA_KEY).read_bytes(), password=None)
+    except ValueError as error:
+        raise CertificateError(f"{folder}: unreadable CA certificate or key ({error})") from None
+    now = datetime.datetime.now(datetime.timezone.utc)
+    if ca_cert.not_valid_after_utc <= now:
+        raise CertificateError(f"{folder / CA_CERT}: the CA expired on {ca_cert.not_valid_after_utc:%Y-%m-%d}; "
+                               f"a new CA (`pollen certs {folder} --force --server-name HOST`) means a new "
+                               "ca.pem on every device")
+    _write_server_certificate(folder, ca_cert, ca_key, server_names, alt_names, now)
+    return folder / SERVER_CERT
+
+
+def add_devices(folder: str | Path, count: int) -> tuple[Path, ...]:
+    """Write ``count`` more device key pairs, numbered after the highest ever issued; returns the private keys."""
+    folder = Path(folder)
+    if count < 1:
+        raise CertificateError(f"--add-devices: must be at least 1, got {count}")
+    if not (folder / CA_CERT).is_file():
+        raise CertificateError(f"{folder}: no {CA_CERT}; create the federation first with "
+                               f"`pollen certs {folder} --server-name HOST`")
+    (folder / DEVICES).mkdir(mode=0o700, exist_ok=True)
+    # Revoked numbers count too: a new device never takes the name of a revoked one.
+    issued = [int(match.group(1)) for sub in (DEVICES, REVOKED) for path in (folder / sub).glob("device-*.*")
+              if (match := DEVICE_NAME.fullmatch(path.stem))]
+    first = max(issued, default=-1) + 1
+    written = []
+    for number in range(first, first + count):
+        private_path = folder / DEVICES / f"device-{number}.key"
+        _write_device_pair(private_path, private_path.with_suffix(".pub"))
+        written.append(private_path)
+    return tuple(written)
+
+
+def device_names(folder: str | Path) -> list[str]:
+    """The devices whose public key is in ``devices/``, in number order."""
+    names = [path.stem for path in (Path(folder) / DEVICES).glob("*.pub")]
+    return sorted(names, key=lambda name: (int(m.group(1)) if (m := DEVICE_NAME.fullmatch(name)) else -1, name))
+
+
+def revoke_devices(folder: str | Path, names: list[str]) -> list[Path]:
+    """Move each named device's key pair into ``revoked/``; returns where the public keys went.
+
+    Every name is checked before anything moves, so a typo revokes nothing.
+    """
+    folder = Path(folder)
+    known = device_names(folder)
+    for name in names:
+        if name not in known:
+            raise CertificateError(f"--revoke {name}: no {folder / DEVICES / name}.pub; known devices: "
+                                   f"{', '.join(known) or 'none'}")
+        if (folder / REVOKED / f"{name}.pub").exists():
+            raise CertificateError(f"--revoke {name}: {folder / REVOKED / name}.pub already exists; "
+                                   "move it away first")
+    (folder / REVOKED).mkdir(mode=0o700, exist_ok=True)
+    moved = []
+    for name in dict.fromkeys(names):
+        for suffix in (".pub", ".key"):  # the .pub first: once it is gone, no server registers the device
+            source = folder / DEVICES / f"{name}{suffix}"
+            if source.exists():
+                os.replace(source, folder / REVOKED / source.name)
+        moved.append(folder / REVOKED / f"{name}.pub")
+    return moved
 
 
 def server_names_of(cert_path: str | Path) -> list[str]:
@@ -126,6 +201,58 @@ def server_names_of(cert_path: str | Path) -> list[str]:
     names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     return [*names.get_values_for_type(x509.DNSName),
             *(str(ip) for ip in names.get_values_for_type(x509.IPAddress))]
+
+
+def expires_on(cert_path: str | Path) -> datetime.datetime:
+    """When a certificate stops being valid (UTC)."""
+    try:
+        return x509.load_pem_x509_certificate(Path(cert_path).read_bytes()).not_valid_after_utc
+    except ValueError as error:
+        raise CertificateError(f"{cert_path}: not a PEM certificate ({error})") from None
+
+
+def expiry_warning(cert_path: str | Path, remedy: str, now: datetime.datetime | None = None) -> str | None:
+    """None while ``cert_path`` has over ``EXPIRY_WARNING_DAYS`` left, a one-line warning within them.
+
+    An expired certificate raises ``CertificateError``; ``remedy`` ends either line (what to run).
+    """
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    end = expires_on(cert_path)
+    if end <= now:
+        raise CertificateError(f"{cert_path}: expired on {end:%Y-%m-%d %H:%M} UTC; {remedy}")
+    left = end - now
+    if left > datetime.timedelta(days=EXPIRY_WARNING_DAYS):
+        return None
+    return f"{cert_path} expires in {left.days} days ({end:%Y-%m-%d} UTC); {remedy}"
+
+
+def _write_server_certificate(folder: Path, ca_cert: x509.Certificate, ca_key, server_names: list[str],
+                              alt_names: list[x509.GeneralName], now: datetime.datetime) -> None:
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    not_after = min(now + datetime.timedelta(days=VALID_DAYS), ca_cert.not_valid_after_utc)
+    server_cert = (
+        _builder(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, server_names[0])]), ca_cert.subject,
+                 server_key.public_key(), now, not_after)
+        .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                       critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    _write(folder / SERVER_KEY, _private_pem(server_key), private=True)
+    _write(folder / SERVER_CERT, server_cert.public_bytes(serialization.Encoding.PEM), private=False)
+
+
+def _write_device_pair(private_path: Path, public_path: Path) -> None:
+    key = ec.generate_private_key(ec.SECP384R1())
+    # OpenSSH format: what Flower's SuperNode and `flwr supernode register` read. The .pub
+    # last: a running server that sees it finds the pair complete.
+    _write(private_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                           serialization.NoEncryption()), private=True)
+    _write(public_path, key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                      serialization.PublicFormat.OpenSSH) + b"\n",
+           private=False)
 
 
 def _alt_name(name: str) -> x509.GeneralName:
@@ -142,12 +269,12 @@ def _alt_name(name: str) -> x509.GeneralName:
 
 
 def _builder(subject: x509.Name, issuer: x509.Name, public_key, now: datetime.datetime,
-             days: int) -> x509.CertificateBuilder:
+             not_after: datetime.datetime) -> x509.CertificateBuilder:
     return (x509.CertificateBuilder()
             .subject_name(subject).issuer_name(issuer).public_key(public_key)
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5))  # tolerate small clock skew
-            .not_valid_after(now + datetime.timedelta(days=days)))
+            .not_valid_after(not_after))
 
 
 def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -156,9 +283,12 @@ def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def _write(path: Path, data: bytes, private: bool) -> None:
-    """Create with the final mode, so a private key is never readable by others, even briefly."""
+    """Create with the final mode, so a private key is never readable by others, even briefly; then
+    rename into place, so a reader (a running server polling devices/) never sees half a file."""
     mode = 0o600 if private else 0o644
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    partial = path.with_name(path.name + ".partial")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)
-    os.chmod(path, mode)  # O_CREAT's mode is ignored when replacing an existing file
+    os.chmod(partial, mode)  # O_CREAT's mode is ignored when the file was already there
+    os.replace(partial, path)

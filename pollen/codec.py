@@ -10,6 +10,7 @@ The tensors of an update are treated as one flat vector in layout order:
     streams  unary | remainders                         Golomb-Rice coded index gaps
              scales                                     bfloat16, one per scale group
              values                                     K fields of ``bits`` bits
+    trailer  CRC-32 of every byte before it             (version 3 on)
 
 Index gaps follow a geometric law at density p, so Rice codes land within a few
 percent of the entropy H(p)/p bits per kept value, against 32 for raw int32.
@@ -23,9 +24,11 @@ the group's scale, rounded to nearest or stochastically (unbiased);
 (Sparse Ternary Compression). The client's error feedback uses the decoded
 payload, so it assumes exactly what the server will see.
 
-The decoder trusts nothing: it checks every count, length, index and level
-against the expected layout (known from the global model) before allocating, and
-raises ``CodecError`` naming what is wrong.
+The decoder trusts nothing: it checks the magic, the version and the CRC-32 of the
+whole payload first (a corrupted byte anywhere is rejected before anything is
+decoded), then every count, length, index and level against the expected layout
+(known from the global model) before allocating, and raises ``CodecError`` naming
+what is wrong.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ from pollen.bits import (
 from pollen.flower_internals import FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE, get_all_nested_objects
 
 MAGIC = b"PLNU"
-VERSION = 2
+VERSION = 3  # 3: a CRC-32 trailer over the whole payload
 TOPK_ID = 1
 TOPK_STYPE = "pollen.topk"
 SCOPES = ("tensor", "model")
@@ -66,7 +69,7 @@ _MODEL_SCOPE, _DENSE = 1, 2  # header flags
 Layout = Mapping[str, tuple[int, ...]]  # tensor name -> shape, in wire order
 
 __all__ = ["CodecError", "Identity", "TopK", "Codec", "encode", "decode", "wire_bytes", "dense_wire_bytes",
-           "layout_of", "decode_sparse"]
+           "layout_of", "decode_sparse", "sealed"]
 
 
 @dataclass(frozen=True)
@@ -215,7 +218,7 @@ def encode(update: Mapping[str, np.ndarray], codec: Codec, seed: int = 0,
     starts = _group_starts(indices, offsets, codec)
     scales, codes = _quantize(flat[indices], starts, codec, np.random.default_rng(seed))
     streams += [scales.astype("<u2").tobytes(), pack(codes, codec.bits)]
-    blob = b"".join(header + streams)
+    blob = sealed(b"".join(header + streams))
     return ArrayRecord({"update": Array(dtype="uint8", shape=(len(blob),), stype=TOPK_STYPE,
                                         data=blob)})
 
@@ -245,7 +248,12 @@ def decode_sparse(record: ArrayRecord, layout: Layout, codec: Codec) -> tuple[np
     array = record["update"]
     if array.stype != TOPK_STYPE or array.dtype != "uint8":
         raise CodecError(f"expected a {TOPK_STYPE} uint8 blob, got {array.stype}/{array.dtype}")
-    return _read_topk(ByteReader(array.data), layout, codec)
+    return _read_topk(ByteReader(_checked_body(array.data)), layout, codec)
+
+
+def sealed(body: bytes) -> bytes:
+    """A payload: ``body`` followed by its CRC-32 (little-endian), as the decoder checks it."""
+    return body + struct.pack("<I", zlib.crc32(body))
 
 
 # --- encoding -------------------------------------------------------------------------
@@ -363,12 +371,26 @@ def _layout_crc(layout: Layout) -> int:
 
 # --- decoding -------------------------------------------------------------------------
 
-def _read_topk(reader: ByteReader, layout: Layout, codec: TopK) -> tuple[np.ndarray, np.ndarray]:
+def _checked_body(data: bytes | memoryview) -> memoryview:
+    """The payload without its CRC trailer, once magic, version and CRC-32 are right."""
+    reader = ByteReader(data)
     if bytes(reader.take(4, "magic")) != MAGIC:
         raise CodecError("not a Pollen update (bad magic bytes)")
-    version, codec_id, bits, flags = reader.take(4, "version, codec id, bits, flags")
+    version = reader.byte("version")
     if version != VERSION:
-        raise CodecError(f"unsupported format version {version} (this build reads {VERSION})")
+        raise CodecError(f"payload is in wire format version {version}, this build reads version {VERSION}: "
+                         f"run the same Pollen release on the server and every client")
+    if len(reader.data) < len(MAGIC) + 1 + 4:
+        raise CodecError("truncated payload: no room for its CRC-32")
+    body, (crc,) = reader.data[:-4], struct.unpack("<I", reader.data[-4:])
+    if zlib.crc32(body) != crc:
+        raise CodecError("corrupted payload: CRC-32 mismatch")
+    return body
+
+
+def _read_topk(reader: ByteReader, layout: Layout, codec: TopK) -> tuple[np.ndarray, np.ndarray]:
+    reader.take(len(MAGIC) + 1, "magic and version")  # checked with the CRC by _checked_body
+    codec_id, bits, flags = reader.take(3, "codec id, bits, flags")
     if codec_id != TOPK_ID:
         raise CodecError(f"unexpected codec id {codec_id} (expected top-k {TOPK_ID})")
     if bits != codec.bits:

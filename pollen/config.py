@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -22,6 +23,7 @@ from pollen.codec import SCOPES, SELECTIONS, Codec, Identity, TopK
 from pollen.data import DATASETS, check_data
 from pollen.models import model_factory
 from pollen.partitions import SCHEMES
+from pollen.schedules import SCHEDULES
 
 
 class ConfigError(ValueError):
@@ -125,13 +127,39 @@ class TrainConfig:
     # are much smaller than it steps in proportion to them, as with SGD, instead of a
     # full lr step wherever its noise points (README, Results, measures both).
     adam_eps: float = 3e-3
+    # The learning rate by round, sent by the server (pollen/schedules.py): constant |
+    # cosine (down to lr_min) | step (times lr_gamma every lr_step_rounds) | linear-warmup.
+    lr_schedule: str = "constant"
+    lr_min: float = 0.0
+    lr_step_rounds: int = 10
+    lr_gamma: float = 0.5
+    warmup_rounds: int = 3
 
     def check(self) -> None:
+        _one_of("train.lr_schedule", self.lr_schedule, SCHEDULES)
+        if not 0.0 <= self.lr_min <= self.lr:
+            raise ConfigError(f"train.lr_min: must be between 0 and train.lr ({self.lr}), got {self.lr_min}")
+        _at_least("train.lr_step_rounds", self.lr_step_rounds, 1)
+        if not 0.0 < self.lr_gamma <= 1.0:
+            raise ConfigError(f"train.lr_gamma: must be in (0, 1], got {self.lr_gamma}")
+        _at_least("train.warmup_rounds", self.warmup_rounds, 1)
         _at_least("train.local_epochs", self.local_epochs, 1)
         _at_least("train.batch_size", self.batch_size, 1)
         _positive("train.lr", self.lr)
         _at_least("train.weight_decay", self.weight_decay, 0.0)
         _positive("train.adam_eps", self.adam_eps)
+
+
+@dataclass(frozen=True)
+class EarlyStopping:
+    """``federation.early_stopping``: stop when the central accuracy stops improving."""
+
+    patience: int = 0  # rounds without an improvement before the run stops; 0 = run every round
+    min_delta: float = 0.0  # an improvement is a gain in accuracy of more than this
+
+    def check(self) -> None:
+        _at_least("federation.early_stopping.patience", self.patience, 0)
+        _at_least("federation.early_stopping.min_delta", self.min_delta, 0.0)
 
 
 @dataclass(frozen=True)
@@ -144,8 +172,21 @@ class FederationConfig:
     server_learning_rate: float = 1.0  # the server moves the model by this times its velocity
     server_momentum: float = 0.6  # velocity = momentum * velocity + the strategy's step (FedAvgM)
     server_decay: float = 0.5  # the last share of rounds over which the server rate falls to a tenth
+    # What the server accepts (pollen/server/update_checks.py); 0 turns a bound off.
+    max_norm_ratio: float = 10.0  # reject an update whose L2 norm is above this times the round's median
+    max_update_norm: float = 0.0  # reject an update whose L2 norm is above this
+    max_examples: int = 1_000_000  # reject a num-examples claim above this (a simulation knows the true sizes)
+    max_weight_ratio: float = 10.0  # clip a claim of unknown size to this times the round's median claim
+    max_step_ratio: float = 10.0  # refuse a round whose global step is longer than this times the model's norm
+    early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
 
     def check(self) -> None:
+        self.early_stopping.check()
+        _bound("federation.max_norm_ratio", self.max_norm_ratio, 1.0)
+        _bound("federation.max_update_norm", self.max_update_norm, 0.0)
+        _at_least("federation.max_examples", self.max_examples, 1)
+        _bound("federation.max_weight_ratio", self.max_weight_ratio, 1.0)
+        _bound("federation.max_step_ratio", self.max_step_ratio, 0.0)
         _at_least("federation.num_clients", self.num_clients, 1)
         _at_least("federation.clients_per_round", self.clients_per_round, 1)
         _at_least("federation.rounds", self.rounds, 1)
@@ -260,6 +301,9 @@ class SimulationConfig:
     devices: str = ""  # device profiles YAML; "" = ideal devices (always on, no clock)
     deadline_seconds: float = 0.0  # simulated round deadline; 0 = wait for every reply
     client_state: str = "memory"  # memory | disk: where idle clients' Context.state lives (inprocess)
+    # Wall-clock seconds a client may take for one message before its reply counts as a
+    # straggler's (inprocess); 0 = no limit. Host-dependent, unlike deadline_seconds.
+    client_timeout_seconds: float = 0.0
     ray_address: str = ""  # an existing Ray cluster; "" = start one on this machine
     client_cpus: int = 1  # Ray resources per virtual client
     client_gpus: float = 0.0
@@ -268,6 +312,7 @@ class SimulationConfig:
         _one_of("simulation.backend", self.backend, ("inprocess", "ray"))
         _one_of("simulation.client_state", self.client_state, ("memory", "disk"))
         _at_least("simulation.deadline_seconds", self.deadline_seconds, 0.0)
+        _at_least("simulation.client_timeout_seconds", self.client_timeout_seconds, 0.0)
         _at_least("simulation.client_cpus", self.client_cpus, 1)
         _at_least("simulation.client_gpus", self.client_gpus, 0.0)
 
@@ -286,6 +331,11 @@ class Config:
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
 
     def check(self) -> None:
+        # NaN and infinity slip through every range check (nan < 0 and nan > 0 are both
+        # false): refuse them in every number here, once, before any section's check.
+        for key, value in _flat(to_dict(self)).items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{key}: must be a finite number, got {value}")
         for f in fields(self):
             value = getattr(self, f.name)
             if dataclasses.is_dataclass(value):
@@ -309,6 +359,12 @@ def _at_least(key: str, value: float, low: float) -> None:
 def _positive(key: str, value: float) -> None:
     if not value > 0:
         raise ConfigError(f"{key}: must be positive, got {value}")
+
+
+def _bound(key: str, value: float, low: float) -> None:
+    """A finite bound of at least ``low``, or 0 for none."""
+    if value != 0 and not low <= value < float("inf"):
+        raise ConfigError(f"{key}: must be 0 (no bound) or a finite number of at least {low}, got {value}")
 
 
 def _coerce(key: str, value: Any, kind: type) -> Any:
@@ -342,7 +398,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
 
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool}
 _SECTIONS = {cls.__name__: cls for cls in (ModelConfig, LoraSettings, DataConfig, TrainConfig, FederationConfig,
-                                             CodecConfig, DownlinkConfig, SimulationConfig)}
+                                             EarlyStopping, CodecConfig, DownlinkConfig, SimulationConfig)}
 
 
 def from_dict(values: dict[str, Any]) -> Config:
@@ -364,7 +420,10 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. federation.rounds=3")
-    return key.strip(), yaml.safe_load(raw)
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({yaml_problem(error)})") from None
 
 
 def with_overrides(values: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -391,10 +450,32 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        values = yaml.safe_load(path.read_text()) or {}
+        values = read_yaml(path) or {}
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
     return from_dict(with_overrides(values, dict(parse_override(text) for text in overrides)))
+
+
+def read_yaml(path: Path) -> Any:
+    """The YAML document in ``path``; unreadable, non-UTF-8 or invalid YAML is a ConfigError naming the file."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {error.start} is {error.object[error.start]:#04x}); "
+                          "save it as UTF-8") from None
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot be read ({error.strerror})") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({yaml_problem(error)})") from None
+
+
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's many-line report in one line: where, and what."""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    if "'\\t'" in problem:
+        problem = "a tab character; YAML indents with spaces only"
+    mark = getattr(error, "problem_mark", None)
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem
 
 
 def save_config(config: Config, path: Path) -> None:

@@ -5,7 +5,8 @@ Ray backend (``pollen.simulations.ray_backend``):
 
 * ``ProcessTree.start`` runs a command in its own session with a log file;
   ``stop`` ends it and everything it spawned, by PID;
-* ``free_port``, ``wait_until_ready``: where a SuperLink listens, and when it answers;
+* ``free_port``, ``port_problem``, ``wait_until_ready``: where a SuperLink may listen, and
+  when it answers;
 * ``write_connection`` (the ``flwr`` CLI's settings under ``FLWR_HOME``) and
   ``write_app`` (a Flower App's ``pyproject.toml``);
 * ``offline_env``: the environment that keeps Flower off the network.
@@ -16,7 +17,9 @@ A core module: it imports nothing of Pollen's server, client or simulations.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -36,6 +39,10 @@ OFFLINE = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
 CONNECTION = "pollen"  # the SuperLink connection's name in FLWR_HOME/config.toml
 SUPERLINK_LOG = "superlink.log"  # in a run folder's logs/, wherever the SuperLink serves
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# A log line that says why a process stopped: a level, or a Python exception's or argparse's "...Error: "
+# ("[uvicorn.error]", a logger's name, is not one).
+ERROR_LINE = re.compile(r"\b(ERROR|CRITICAL|FATAL)\b|\w*(Error|Exception|error): ")
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 class FlowerError(RuntimeError):
@@ -63,15 +70,17 @@ class ProcessTree:
     processes leave the session and get re-parented away from whoever started them.
     """
 
-    def __init__(self, popen: subprocess.Popen, log: Path) -> None:
+    def __init__(self, popen: subprocess.Popen, log: Path, name: str | None = None) -> None:
         self.popen = popen
         self.log = log
+        self.label = name
         self.known: dict[int, psutil.Process] = {}
         self.remember_children()
 
     @classmethod
     def start(cls, command: list[str], log: Path, env: Mapping[str, str],
-              cwd: Path | None = None) -> ProcessTree:
+              cwd: Path | None = None, name: str | None = None) -> ProcessTree:
+        """``name`` is what messages call it (default: the program's file name)."""
         # A session of its own: Ctrl-C reaches only this process, which then stops the tree;
         # should this process be killed outright, the kernel stops the child (Linux).
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -79,11 +88,11 @@ class ProcessTree:
             popen = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      env=dict(env), cwd=cwd, start_new_session=True,
                                      preexec_fn=_die_with_parent())
-        return cls(popen, log)
+        return cls(popen, log, name)
 
     @property
     def name(self) -> str:
-        return Path(self.popen.args[0]).name
+        return self.label or Path(self.popen.args[0]).name
 
     @property
     def pid(self) -> int:
@@ -146,6 +155,17 @@ class ProcessTree:
         text = self.log.read_text(errors="replace") if self.log.exists() else ""
         return "\n".join(text.splitlines()[-lines:])
 
+    def why_stopped(self, limit: int = 300) -> str:
+        """One line of the log's end that says why the process stopped: the last error, else the last line."""
+        lines = [ANSI_ESCAPE.sub("", line).strip() for line in self.tail(50).splitlines()]
+        lines = [line for line in lines if line]
+        errors = [line for line in lines if ERROR_LINE.search(line)]
+        return (errors or lines or ["its log is empty"])[-1][:limit]
+
+    def exit_report(self) -> str:
+        """One line for a process that exited: its code, the reason from its log, where the log is."""
+        return f"{self.name} exited with code {self.popen.poll()}: {self.why_stopped()} (log: {self.log})"
+
 
 def _die_with_parent() -> Callable[[], None] | None:
     """What the child runs before exec so the kernel SIGTERMs it when the launcher dies (Linux).
@@ -165,6 +185,22 @@ def free_port(host: str = "127.0.0.1") -> int:
         return probe.getsockname()[1]
 
 
+def port_problem(host: str, port: int) -> str | None:
+    """Why a server could not listen on ``host:port`` now (in use, no such address), or None.
+
+    Bound with SO_REUSEADDR, as uvicorn binds: a closed connection lingering in TIME_WAIT is no problem.
+    """
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                return "already in use"
+            return error.strerror or str(error)
+    return None
+
+
 def wait_until_ready(host: str, port: int, process: ProcessTree, timeout: float = 60.0) -> None:
     """Block until ``host:port`` accepts connections; raise if ``process`` exits or time runs out.
 
@@ -175,7 +211,7 @@ def wait_until_ready(host: str, port: int, process: ProcessTree, timeout: float 
     while not _accepts(host, port):
         if not process.running():
             raise FlowerError(f"{process.name} exited with code {process.popen.returncode} before "
-                              f"listening on {host}:{port}; the end of {process.log}:\n{process.tail()}")
+                              f"listening on {host}:{port}: {process.why_stopped()} (log: {process.log})")
         if time.monotonic() > deadline:
             raise FlowerError(f"{process.name} did not listen on {host}:{port} within {timeout:.0f} s; "
                               f"see {process.log}")

@@ -8,7 +8,9 @@ whichever started it:
     config.yaml         the run's whole config, readable by ``load_config``
     rounds.jsonl        one RoundRecord per round, appended and flushed as the run goes
     checkpoint.pt       everything needed to go on after the last finished round
-    accuracy.png        accuracy by round, by uplink MB (and by simulated time)
+    accuracy.png        accuracy by round, by MB on the wire (and by simulated time)
+    classes.json        the final model's per-class precision, recall, F1, support, confusion matrix
+    confusion.png       that confusion matrix
     participants.jsonl  per round: sampled, dropped and late clients (simulations)
     logs/               the Flower processes' logs (deployment, Ray)
 
@@ -22,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -58,6 +60,15 @@ class RoundRecord:
     dropouts: int = 0
     stragglers: int = 0
     federated_accuracy: float | None = None  # clients' evaluation on their own data (fraction_evaluate > 0)
+    # What the server's checks did (pollen/server/update_checks.py): {"client", "reason"} per
+    # rejected reply and per clipped weight; why the round's new global model was refused.
+    rejected_updates: list[dict] = field(default_factory=list)
+    clipped_weights: list[dict] = field(default_factory=list)
+    step_refused: str | None = None
+    lr: float | None = None  # the clients' learning rate this round (train.lr_schedule)
+    early_stop: str | None = None  # why the run stopped here, and which round's model it kept
+    # Federated evaluation's spread over the clients asked: worst, 10th percentile, mean accuracy.
+    federated_spread: dict | None = None
 
 
 class RunFolder:
@@ -67,6 +78,8 @@ class RunFolder:
     RECORDS = "rounds.jsonl"
     CHECKPOINT = "checkpoint.pt"
     PLOT = "accuracy.png"
+    CLASSES = "classes.json"
+    CONFUSION = "confusion.png"
     PARTICIPANTS = "participants.jsonl"
     LOGS = "logs"
 
@@ -117,6 +130,14 @@ class RunFolder:
     @property
     def plot(self) -> Path:
         return self.path / self.PLOT
+
+    @property
+    def classes(self) -> Path:
+        return self.path / self.CLASSES
+
+    @property
+    def confusion(self) -> Path:
+        return self.path / self.CONFUSION
 
     @property
     def participants(self) -> Path:

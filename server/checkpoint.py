@@ -40,7 +40,8 @@ FORMAT = 3  # 1: arrays and config only; 2: a wrapper strategy object (both not 
 
 
 class CheckpointError(ValueError):
-    """A checkpoint is missing, unreadable or from a different run configuration."""
+    """A checkpoint is missing, unreadable, damaged or from a different run configuration; the message names
+    the file."""
 
 
 @dataclass
@@ -82,11 +83,17 @@ def load_checkpoint(path: Path, config: Config | None = None) -> ServerState:
         if changed:
             raise CheckpointError(f"{path}: the run was configured differently "
                                   f"({', '.join(changed[:5])}); resume it with its own config.yaml")
-    rng = saved["rng"]
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
-    return pickle.loads(saved["state"])
+    try:
+        state = pickle.loads(saved["state"])
+        rng = saved["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+    except Exception as error:  # pickle and the generators raise many kinds on damaged data
+        raise CheckpointError(f"{path}: damaged checkpoint ({_first_line(error)})") from None
+    if not isinstance(state, ServerState):
+        raise CheckpointError(f"{path}: damaged checkpoint (holds a {type(state).__name__}, not a server state)")
+    return state
 
 
 def load_arrays(path: Path) -> dict[str, np.ndarray]:
@@ -95,18 +102,28 @@ def load_arrays(path: Path) -> dict[str, np.ndarray]:
 
 
 def _read(path: Path) -> dict[str, Any]:
+    """The saved dictionary, with its global arrays checked: a damaged file is a CheckpointError naming it."""
     if not path.is_file():
         raise CheckpointError(f"{path}: no checkpoint to resume from")
     try:
-        return torch.load(path, weights_only=False)
-    except Exception as error:  # torch raises many kinds on a damaged file
-        raise CheckpointError(f"{path}: unreadable checkpoint ({error})") from None
+        saved = torch.load(path, weights_only=False)
+    except Exception as error:  # torch raises many kinds on a damaged or truncated file
+        raise CheckpointError(f"{path}: unreadable checkpoint, damaged or truncated ({_first_line(error)})") from None
+    arrays = saved.get("arrays") if isinstance(saved, dict) else None
+    if not isinstance(arrays, dict) or not all(isinstance(value, torch.Tensor) for value in arrays.values()):
+        raise CheckpointError(f"{path}: not a Pollen checkpoint (no global arrays in it)")
+    return saved
+
+
+def _first_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def _saved_config(path: Path, saved: dict[str, Any]) -> Config:
     try:
         return from_dict(saved["config"])
-    except ConfigError as error:
+    except (ConfigError, KeyError, TypeError) as error:
         raise CheckpointError(f"{path}: its config is not valid any more ({error})") from None
 
 

@@ -167,8 +167,12 @@ def run_model(run: Path) -> tuple[Config, nn.Module]:
             raise ExportError(f"{run}: no {path.name}; expected a run folder from `pollen simulate` or "
                               "`pollen server`")
     config = folder.read_config()
+    arrays = load_arrays(folder.checkpoint)  # a damaged file: CheckpointError naming it, before a model is built
     model = build_model(config.model, num_classes(config.data), config.seed)
-    load_trainable(model, load_arrays(folder.checkpoint))
+    try:
+        load_trainable(model, arrays)
+    except ValueError as error:  # arrays of another model: names or shapes differ
+        raise ExportError(f"{folder.checkpoint}: does not fit the model of {folder.config_path} ({error})") from None
     return config, model.eval()
 
 

@@ -30,8 +30,8 @@ class ServerMomentum:
     FINAL = 0.1  # the decayed learning rate at the last round, as a share of the first
 
     def __init__(self, learning_rate: float, momentum: float, decay: float, rounds: int) -> None:
-        if not learning_rate > 0:
-            raise ValueError(f"server learning rate must be positive, got {learning_rate}")
+        if not 0 < learning_rate < float("inf"):
+            raise ValueError(f"server learning rate must be positive and finite, got {learning_rate}")
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"server momentum must be in [0, 1), got {momentum}")
         if not 0.0 <= decay <= 1.0:

@@ -10,7 +10,7 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 
-from pollen.config import Config  # noqa: E402
+from pollen.config import CodecConfig, Config  # noqa: E402
 from pollen.run_folder import RoundRecord  # noqa: E402
 
 MB = 1e6
@@ -25,11 +25,16 @@ def cumulative_mb(records: list[RoundRecord], downlink: bool = True) -> list[flo
     return out
 
 
+def codec_label(codec: CodecConfig) -> str:
+    """What the uplink sends, as a person says it: "top-k 1%, 8-bit", "dense fp32"."""
+    if codec.name == "identity":
+        return "dense fp32"
+    return f"top-k {codec.density * 100:g}%, " + ("signs" if codec.bits == 1 else f"{codec.bits}-bit")
+
+
 def run_label(config: Config) -> str:
     """What a run sends and trains, as a person says it: "top-k 1%, 8-bit; LoRA"."""
-    codec = config.codec
-    sent = "dense fp32" if codec.name == "identity" else (
-        f"top-k {codec.density * 100:g}%, " + ("signs" if codec.bits == 1 else f"{codec.bits}-bit"))
+    sent = codec_label(config.codec)
     trained = {"lora": "LoRA", "head": "head only", "full": "full fine-tune"}.get(config.model.trainable,
                                                                                    config.model.trainable)
     return f"{sent}; {trained}"

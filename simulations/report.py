@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console, RenderableType
+from rich.markup import escape
 from rich.table import Table
 
 from pollen.run_folder import RoundRecord
@@ -63,5 +64,12 @@ def round_row(entry: RoundRecord) -> list[str]:
 
 
 def round_line(entry: RoundRecord) -> str:
-    """One finished round as a line for the live log."""
-    return "  ".join(f"{key} {value}" for key, value in zip(COLUMNS, round_row(entry)))
+    """One finished round as a line for the live log, then a line per rejected or clipped client."""
+    line = "  ".join(f"{key} {value}" for key, value in zip(COLUMNS, round_row(entry)))
+    notes = [f"  rejected {item['client']}: {item['reason']}" for item in entry.rejected_updates]
+    notes += [f"  clipped {item['client']}: {item['reason']}" for item in entry.clipped_weights]
+    if entry.step_refused:
+        notes.append(f"  step refused, the global model stays: {entry.step_refused}")
+    if entry.early_stop:
+        notes.append(f"  early stopping: {entry.early_stop}")
+    return "\n".join([line, *(escape(note) for note in notes)])  # reasons are text, not rich markup

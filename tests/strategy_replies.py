@@ -15,9 +15,13 @@ from pollen.config import Config, load_config
 from pollen.server.app import RoundOutcome, run_round
 from pollen.server.broadcast import Broadcast
 from pollen.server.checkpoint import ServerState
+from pollen.server.update_checks import UpdateChecks
 from pollen.strategies import make_strategy
 
 TINY = Path(__file__).resolve().parents[1] / "simulations" / "configs" / "tiny.yaml"
+# No bounds but the model's finiteness: the strategies' own rules, on deltas as large as the model.
+UNBOUNDED = UpdateChecks(max_norm_ratio=0.0, max_update_norm=0.0, max_examples=2**1023, max_weight_ratio=0.0,
+                         max_step_ratio=0.0)
 
 
 class FixedGrid:
@@ -108,18 +112,19 @@ def pollen_state(strategy, arrays: dict, momentum=None, downlink=None) -> Server
 
 def pollen_round(state: ServerState, deltas: list[dict], sizes: list[float], codec=None,
                  server_round: int = 1, payloads: list | None = None,
-                 metric_values: list[dict] | None = None) -> RoundOutcome:
+                 metric_values: list[dict] | None = None, checks: UpdateChecks = UNBOUNDED) -> RoundOutcome:
     """One round of Pollen's server on replies carrying ``deltas`` encoded with ``codec``
     (or the given ``payloads``); ``state.arrays`` ends as the new global arrays."""
     codec = codec or Identity()
     payloads = payloads or [encode(delta, codec) for delta in deltas]
-    return grid_round(state, ReplyGrid(payloads, sizes, metric_values), codec, server_round)
+    return grid_round(state, ReplyGrid(payloads, sizes, metric_values), codec, server_round, checks)
 
 
-def grid_round(state: ServerState, grid: ReplyGrid, codec=None, server_round: int = 1) -> RoundOutcome:
+def grid_round(state: ServerState, grid: ReplyGrid, codec=None, server_round: int = 1,
+               checks: UpdateChecks = UNBOUNDED) -> RoundOutcome:
     """One round of Pollen's server on ``grid`` (``grid.sent`` then holds the train messages)."""
     random.seed(server_round)  # as in `configure`: the same nodes in the same order
-    return run_round(server_round, state, grid, codec or Identity())
+    return run_round(server_round, state, grid, codec or Identity(), checks)
 
 
 def flower_round(strategy, arrays: dict, deltas: list[dict], sizes: list[float], server_round: int = 1) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -128,3 +129,26 @@ def test_save_checkpoint_round_trips_the_server_state_and_random_state(tmp_path)
                                 "federation.num_clients=4", "federation.clients_per_round=2",
                                 "train.local_epochs=1"])
     assert load_checkpoint(path, longer).round == 5  # only the number of rounds may change
+
+
+def test_a_damaged_or_truncated_checkpoint_is_a_checkpoint_error_naming_the_file(tmp_path):
+    config = tiny("fedavg")
+    path = tmp_path / RunFolder.CHECKPOINT
+    save_checkpoint(path, new_state(config), config)
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) * 2 // 3])  # truncated, as by a full disk or a copy cut short
+    for read in (load_checkpoint, load_arrays):
+        with pytest.raises(CheckpointError, match=f"^{path}: unreadable checkpoint, damaged or truncated"):
+            read(path)
+    torch.save([1, 2, 3], path)  # a torch file, not a checkpoint
+    for read in (load_checkpoint, load_arrays):
+        with pytest.raises(CheckpointError, match=f"^{path}: not a Pollen checkpoint"):
+            read(path)
+    saved = torch.load(io.BytesIO(whole), weights_only=False)
+    saved["state"] = saved["state"][:40]  # the pickled server state cut short
+    torch.save(saved, path)
+    before = np.random.get_state()[1].tolist()
+    with pytest.raises(CheckpointError, match=f"^{path}: damaged checkpoint \\(UnpicklingError"):
+        load_checkpoint(path)
+    assert np.random.get_state()[1].tolist() == before  # nothing restored from a damaged file
+    assert set(load_arrays(path)) == set(saved["arrays"])  # the global arrays alone are intact: export reads them

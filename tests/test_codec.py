@@ -15,6 +15,7 @@ from pollen.codec import (
     dense_wire_bytes,
     encode,
     layout_of,
+    sealed,
     _serialized_bytes,
     wire_bytes,
 )
@@ -177,15 +178,47 @@ def valid_blob():
     return blob_of(encode(SMALL, CODEC))
 
 
+def resealed(blob):
+    """A mutated body with a CRC that fits it again, to reach the checks behind the CRC."""
+    return bytearray(sealed(bytes(blob[:-4])))
+
+
 @pytest.mark.parametrize("mutate, message", [
     (lambda b: b"XXXX" + b[4:], "magic"),
-    (lambda b: b[:4] + bytes([9]) + b[5:], "version"),
-    (lambda b: b[:5] + bytes([7]) + b[6:], "codec id"),
-    (lambda b: b + b"\x00", "trailing"),
+    (lambda b: b[:4] + bytes([9]) + b[5:], "version 9, this build reads version 3"),
+    (lambda b: b[:5] + bytes([7]) + b[6:], "CRC-32"),
+    (lambda b: b + b"\x00", "CRC-32"),
+    (lambda b: resealed(b[:5] + bytes([7]) + b[6:]), "codec id"),
+    (lambda b: resealed(b[:-4] + b"\x00" + b[-4:]), "trailing"),
 ])
 def test_decoder_names_what_is_wrong(mutate, message):
     with pytest.raises(CodecError, match=message):
         decode(record_of(mutate(valid_blob())), SMALL_LAYOUT, CODEC)
+
+
+def test_a_version_2_payload_gets_one_line_naming_both_versions():
+    old = valid_blob()
+    old[4] = 2
+    with pytest.raises(CodecError, match="^payload is in wire format version 2, this build reads version 3: "
+                                         "run the same Pollen release on the server and every client$"):
+        decode(record_of(old), SMALL_LAYOUT, CODEC)
+
+
+@pytest.mark.parametrize("codec", [CODEC, TopK(density=1.0, bits=4, block=2), TopK(density=0.25, bits=1)])
+def test_every_single_bit_flip_is_rejected_before_decoding(codec):
+    blob = blob_of(encode(SMALL, codec))
+    for bit in range(8 * len(blob)):
+        flipped = bytearray(blob)
+        flipped[bit // 8] ^= 1 << (bit % 8)
+        with pytest.raises(CodecError, match="magic|version|CRC-32"):
+            decode(record_of(flipped), SMALL_LAYOUT, codec)
+
+
+def test_payload_ends_with_the_crc_of_everything_before_it():
+    import zlib
+
+    blob = bytes(valid_blob())
+    assert struct.unpack("<I", blob[-4:])[0] == zlib.crc32(blob[:-4])
 
 
 def test_every_truncation_is_rejected():
@@ -212,7 +245,7 @@ def hand_made(kept: int, rice: int, unary: bytes, remainders: bytes, scales: byt
 
     header = MAGIC + bytes([VERSION, 1, bits, flags, 1]) + struct.pack("<I", _layout_crc(SMALL_LAYOUT))
     header += bytes([0, kept, rice, len(unary)])
-    return bytearray(header + unary + remainders + scales + values)
+    return bytearray(sealed(header + unary + remainders + scales + values))
 
 
 ONE = struct.pack("<H", 0x3F80)  # bfloat16 1.0
@@ -295,10 +328,11 @@ def test_random_bytes_never_crash_the_decoder(data):
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.integers(min_value=0), st.integers(min_value=0, max_value=255))
-def test_mutated_payloads_decode_to_the_layout_or_raise_codec_error(position, byte):
+@given(st.integers(min_value=0), st.integers(min_value=0, max_value=255), st.booleans())
+def test_mutated_payloads_decode_to_the_layout_or_raise_codec_error(position, byte, reseal):
     blob = valid_blob()
     blob[position % len(blob)] = byte
+    blob = resealed(blob) if reseal else blob  # resealed: the parser behind the CRC sees the mutation
     try:
         out = decode(record_of(blob), SMALL_LAYOUT, CODEC)
     except CodecError:

@@ -8,6 +8,7 @@ every boundary check, so the suite starts Flower once.
 from __future__ import annotations
 
 import json
+import socket
 import ssl
 import subprocess
 import sys
@@ -21,8 +22,8 @@ import pytest
 from pollen.client.device import DeviceError, device_number, supernode_command
 from pollen.certs import make_certificates
 from pollen.config import load_config
-from pollen.flower_processes import (CONNECTION, SUPERLINK_LOG, ProcessTree, console_script, free_port, offline_env,
-                                     write_app, write_connection)
+from pollen.flower_processes import (CONNECTION, SUPERLINK_LOG, FlowerError, ProcessTree, console_script, free_port,
+                                     offline_env, write_app, write_connection)
 from pollen.run_folder import RunFolder
 from pollen.server.deploy import (PROXY_LOG, REQUEST_MARGIN_BYTES, Deployment, DeploymentError,
                                   default_max_request_bytes, dense_update_bytes, superlink_command)
@@ -181,7 +182,7 @@ class Started(Exception):
 def first_process(monkeypatch, deployment: Deployment) -> dict:
     seen = {}
 
-    def start(command, log, env, cwd=None):
+    def start(command, log, env, cwd=None, name=None):
         seen.update(command=command, log=log, env=env)
         raise Started
 
@@ -197,12 +198,13 @@ def test_the_superlink_listens_on_127_0_0_1_only_without_legacy_grpc_apis(tmp_pa
     certs = make_certificates(tmp_path / "certs", ["fl.example.org", "127.0.0.1"], devices=1)
     monkeypatch.setenv("FLWR_INTERNAL_GRPC_CONTROL_API", "1")
     monkeypatch.setenv("FLWR_INTERNAL_GRPC_FLEET_API", "1")
-    deployment = Deployment(load_config(TINY), tmp_path / "run", certs.folder, port=9093,
+    port = free_port()
+    deployment = Deployment(load_config(TINY), tmp_path / "run", certs.folder, port=port,
                             limits=RequestLimits(max_request_bytes=10))
     seen = first_process(monkeypatch, deployment)
     command = seen["command"]
     assert command[command.index("--host") + 1] == "127.0.0.1"
-    assert command[command.index("--port") + 1] == str(deployment.internal_port) != "9093"
+    assert command[command.index("--port") + 1] == str(deployment.internal_port) != str(port)
     assert not {"FLWR_INTERNAL_GRPC_CONTROL_API", "FLWR_INTERNAL_GRPC_FLEET_API"} & set(seen["env"])
     flwr_config = tomllib.loads((deployment.flwr_home / "config.toml").read_text())
     assert flwr_config["superlink"][CONNECTION]["address"] == deployment.internal_address
@@ -245,8 +247,11 @@ def test_the_app_carries_the_whole_run_config(tmp_path):
 
 def test_deployment_refuses_missing_certificates_or_a_certificate_for_another_host(tmp_path):
     config = load_config(TINY)
-    with pytest.raises(DeploymentError, match="ca.pem: missing"):
+    with pytest.raises(DeploymentError, match="nothing: no such folder"):
         Deployment(config, tmp_path / "run", tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DeploymentError, match="ca.pem: missing"):
+        Deployment(config, tmp_path / "run", tmp_path / "empty")
     certs = make_certificates(tmp_path / "certs", ["fl.example.org"], devices=1)
     with pytest.raises(DeploymentError, match="not valid for 127.0.0.1"):
         Deployment(config, tmp_path / "run", certs.folder)
@@ -275,3 +280,100 @@ def test_supernode_command_for_a_device(tmp_path):
         supernode_command("h:1", data, tmp_path / "none.pem", certs.device_keys[0])
     with pytest.raises(DeviceError, match="not a device private key"):
         supernode_command("h:1", data, certs.ca_cert, certs.ca_cert)
+
+
+def test_a_port_in_use_is_refused_before_anything_starts(tmp_path, monkeypatch):
+    config = load_config(TINY)
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        public = Deployment(config, tmp_path / "a", None, port=port)
+        with pytest.raises(DeploymentError) as refused:
+            first_process(monkeypatch, public)  # raises before the first process would start
+        assert str(refused.value).startswith(f"--port {port} on 127.0.0.1: already in use")
+        internal = Deployment(config, tmp_path / "b", None, port=free_port(), internal_port=port)
+        with pytest.raises(DeploymentError, match=f"internal port {port} on 127.0.0.1: already in use"):
+            internal.check_ports()
+    assert "\n" not in str(refused.value)
+    public.check_ports()  # free again
+
+
+def test_a_superlink_that_exits_at_start_is_reported_at_once_with_the_reason_from_its_log(tmp_path, monkeypatch):
+    from pollen.server import deploy
+
+    flower_command = deploy.superlink_command
+    monkeypatch.setattr(deploy, "superlink_command", lambda *args, **kwargs: [*flower_command(*args, **kwargs),
+                                                                               "--no-such-flag"])
+    deployment = Deployment(load_config(TINY), tmp_path / "run", None, port=free_port())
+    try:
+        with pytest.raises(FlowerError) as failed:
+            deployment.start(timeout=WAIT)  # the reason, not the timeout, ends it
+    finally:
+        deployment.stop()
+    message = str(failed.value)
+    assert "the SuperLink exited with code 2" in message and "unrecognized arguments: --no-such-flag" in message
+    assert str(deployment.superlink.log) in message and "\n" not in message
+    assert deployment.proxy is None
+
+
+def test_a_fleet_proxy_that_exits_at_start_is_reported_with_the_reason_from_its_log(tmp_path, monkeypatch):
+    monkeypatch.setattr(ProxySettings, "command", lambda self, command=ProxySettings.command: [*command(self),
+                                                                                               "--no-such-flag"])
+    deployment = Deployment(load_config(TINY), tmp_path / "run", None, port=free_port(),
+                            limits=RequestLimits(max_request_bytes=1000))
+    try:
+        with pytest.raises(FlowerError) as failed:
+            deployment.start(timeout=WAIT)
+        superlink_ran = deployment.superlink.running()
+    finally:
+        deployment.stop()
+    message = str(failed.value)
+    assert message.startswith("the Fleet proxy exited with code 2 before listening on 127.0.0.1:")
+    assert "unrecognized arguments: --no-such-flag" in message and "\n" not in message
+    assert superlink_ran  # the proxy's failure, not the SuperLink's, is what was reported
+
+
+class ClosingListener:
+    """Something else on a port: it accepts each connection and closes it at once."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.socket = socket.create_server(("127.0.0.1", 0))
+        self.socket.settimeout(0.2)
+        self.port = self.socket.getsockname()[1]
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self) -> None:
+        while not self.done.is_set():
+            try:
+                connection, _ = self.socket.accept()
+                connection.close()
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.done.set()
+        self.thread.join(timeout=5)
+        self.socket.close()
+
+
+def test_a_superlink_whose_port_was_taken_after_the_check_is_reported_with_its_reason(tmp_path, monkeypatch):
+    """The port answers (someone else), so only the SuperLink's own exit can tell what happened."""
+    from pollen.server import deploy
+
+    certs = make_certificates(tmp_path / "certs", ["127.0.0.1"], devices=1)
+    other = ClosingListener()
+    monkeypatch.setattr(deploy, "port_problem", lambda host, port: None)  # taken between check and bind
+    deployment = Deployment(load_config(TINY), tmp_path / "run", certs.folder, port=free_port(),
+                            internal_port=other.port)
+    try:
+        with pytest.raises(DeploymentError) as failed:
+            deployment.start(timeout=WAIT)
+    finally:
+        deployment.stop()
+        other.close()
+    message = str(failed.value)
+    assert "the SuperLink exited with code" in message and "address already in use" in message
+    assert "\n" not in message and deployment.node_ids == {}

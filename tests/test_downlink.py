@@ -152,3 +152,21 @@ def test_the_round_sends_steps_and_counts_the_smaller_downlink():
         if downlink is not None:
             assert state.broadcast.version == 2 and set(state.broadcast.node_versions.values()) == {1}
     assert outcomes[TopK(density=0.1)].traffic.downlink < outcomes[None].traffic.downlink / 5
+
+
+def flipped(array: Array, bit: int) -> Array:
+    data = bytearray(array.data)
+    data[bit // 8 % len(data)] ^= 1 << (bit % 8)
+    return Array(dtype=array.dtype, shape=array.shape, stype=array.stype, data=bytes(data))
+
+
+@pytest.mark.parametrize("bit", [0, 45, 333, 2001, 9999])
+def test_a_flipped_bit_in_a_step_or_a_full_transfer_is_refused_by_its_crc(bit):
+    broadcast = Broadcast(TopK(density=1.0), INITIAL)
+    broadcast.advance(as_record(INITIAL), as_record(nudged(INITIAL)))
+    chain, chain_config = chain_message(broadcast.steps, 0, 1, arrays_crc(INITIAL))
+    full, full_config = full_message(INITIAL, 1)
+    for record, config, key in ((chain, chain_config, "step-1"), (full, full_config, "full")):
+        bad = ArrayRecord({key: flipped(record[key], bit)})
+        with pytest.raises(DownlinkError, match="bad downlink payload: .*(CRC-32|magic|version)"):
+            rebuild(bad, config, LAYOUT, broadcast.codec, INITIAL, 0)

@@ -87,3 +87,16 @@ def test_build_model_is_untouched_by_merging(tmp_path):
     merged_model(model, int8=True)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert type(model) is type(build_model(config.model, 10, config.seed))
+
+
+def test_export_of_a_damaged_checkpoint_is_a_typed_error_naming_the_file(tmp_path):
+    from pollen.server.checkpoint import CheckpointError
+
+    run = RunFolder(fine_tuned_run(tmp_path / "run"))
+    whole = run.checkpoint.read_bytes()
+    run.checkpoint.write_bytes(whole[:100])
+    with pytest.raises(CheckpointError, match=f"^{run.checkpoint}: unreadable checkpoint"):
+        export_run(run.path, "onnx")
+    torch.save({"round": 3, "arrays": {"head.weight": torch.zeros(2, 2)}}, run.checkpoint)
+    with pytest.raises(ExportError, match=f"^{run.checkpoint}: does not fit the model of {run.config_path}"):
+        export_run(run.path, "onnx")

@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 from pollen.flower_processes import (CONNECTION, OFFLINE, FlowerError, ProcessTree, console_script, free_port,
-                                     offline_env, wait_until_ready, write_app, write_connection)
+                                     offline_env, port_problem, wait_until_ready, write_app, write_connection)
 
 BOUND = 30.0  # seconds: a bound on every wait here
 
@@ -135,10 +135,13 @@ def test_wait_until_ready_returns_once_the_port_listens(tmp_path):
 def test_wait_until_ready_says_when_the_process_exited_first(tmp_path):
     failing = python(tmp_path, "import sys; print('bad flag --nope'); sys.exit(3)")
     try:
-        with pytest.raises(FlowerError, match=r"exited with code 3 before listening(.|\n)*bad flag --nope"):
+        with pytest.raises(FlowerError) as exited:
             wait_until_ready("127.0.0.1", free_port(), failing, timeout=BOUND)
     finally:
         failing.stop(grace=1)
+    message = str(exited.value)
+    assert "exited with code 3 before listening on 127.0.0.1:" in message and ": bad flag --nope (log: " in message
+    assert "\n" not in message
 
 
 def test_wait_until_ready_gives_up_after_the_timeout(tmp_path):
@@ -203,3 +206,40 @@ def test_write_app_is_a_valid_flower_app_carrying_the_run_config(tmp_path):
     assert flwr["app"]["components"] == {"serverapp": "some.server:app", "clientapp": "some.client:app"}
     assert flwr["app"]["config"]["federation"] == {"rounds": 7}  # dotted keys as nested tables
     assert flatten_dict(flwr["app"]["config"]) == run_config
+
+
+def test_port_problem_says_in_use_or_why_nothing_can_listen_there():
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        assert port_problem("127.0.0.1", port) == "already in use"
+        assert port_problem("0.0.0.0", port) == "already in use"  # every address includes 127.0.0.1
+    assert port_problem("127.0.0.1", port) is None
+    assert port_problem("192.0.2.1", free_port()) not in (None, "already in use")  # not this machine's address
+
+
+def test_why_stopped_is_the_last_error_line_of_the_log_without_colours(tmp_path):
+    code = r"""
+        print("\x1b[92mINFO \x1b[0m: starting")
+        print("2026-12-01T11:49:08Z ERROR [uvicorn.error] [Errno 98] address already in use")
+        print("2026-12-01T11:49:08Z INFO [uvicorn.error] Application shutdown complete.")
+        raise SystemExit(1)
+    """
+    tree = python(tmp_path, code, name="server")
+    try:
+        tree.popen.wait(timeout=BOUND)
+    finally:
+        tree.stop(grace=1)
+    assert tree.why_stopped() == "2026-12-01T11:49:08Z ERROR [uvicorn.error] [Errno 98] address already in use"
+    assert tree.exit_report() == (f"{tree.name} exited with code 1: {tree.why_stopped()} (log: {tree.log})")
+    traceback = python(tmp_path, "import json; json.loads('{')", name="traceback")
+    quiet = ProcessTree.start([sys.executable, "-c", "print('done')"], tmp_path / "quiet.log", offline_env(),
+                              name="the quiet one")
+    try:
+        traceback.popen.wait(timeout=BOUND)
+        quiet.popen.wait(timeout=BOUND)
+    finally:
+        traceback.stop(grace=1)
+        quiet.stop(grace=1)
+    assert traceback.why_stopped().startswith("json.decoder.JSONDecodeError: Expecting property name")
+    assert quiet.why_stopped() == "done" and quiet.name == "the quiet one"
+    assert quiet.exit_report().startswith("the quiet one exited with code 0: done")

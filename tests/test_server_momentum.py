@@ -44,6 +44,12 @@ def test_plain_settings_take_the_proposal_as_it_is():
     assert ServerMomentum(1.0, 0.0, 0.0, 0).apply(record_of(START), proposed) is proposed
 
 
+@pytest.mark.parametrize("rate", [float("inf"), float("nan"), 0.0, -1.0])
+def test_the_learning_rate_must_be_positive_and_finite(rate):
+    with pytest.raises(ValueError, match="positive and finite"):
+        ServerMomentum(rate, 0.6, 0.0, 10)
+
+
 def test_every_setting_must_be_given():
     with pytest.raises(TypeError, match="'decay' and 'rounds'"):
         ServerMomentum(1.0, 0.6)

@@ -88,8 +88,11 @@ def bad_identity_replies(delta: dict) -> tuple[list, list[dict], list[str]]:
         (not_finite, metrics(10), "w: contains NaN or infinity"),
         (good, {"num-examples": 10, "train-seconds": 0.1}, "metric 'train-loss' missing"),
         (good, {**metrics(10), "train-loss": float("nan")}, "metric 'train-loss' missing or not a finite number"),
-        (good, metrics(0), "num-examples must be positive, got 0"),
-        (good, metrics(-5), "num-examples must be positive, got -5"),
+        (good, metrics(0), "num-examples must be a positive integer, got 0"),
+        (good, metrics(-5), "num-examples must be a positive integer, got -5"),
+        (good, metrics(2.5), "num-examples must be a positive integer, got 2.5"),
+        (good, metrics(10**309), "metric 'num-examples' missing or not a finite number: 10000000000000000000...(310 characters)"),
+        (good, {**metrics(10), "train-seconds": -(10**400)}, "metric 'train-seconds' missing or not a finite number"),
     ]
     return [c[0] for c in cases], [c[1] for c in cases], [c[2] for c in cases]
 
@@ -114,7 +117,7 @@ def test_round_traffic_counts_every_reply_and_its_bytes():
     metric_values.append(metrics(10))
     state = pollen_state(strategy_of("fedavg", clients=len(payloads)), GLOBAL)
     traffic = pollen_round(state, [], [10] * len(payloads), payloads=payloads, metric_values=metric_values).traffic
-    assert (traffic.accepted, traffic.rejected, traffic.failed) == (1, 6, 1)
+    assert (traffic.accepted, traffic.rejected, traffic.failed) == (1, 9, 1)
     received = payloads[:-1]  # the error reply carries no payload
     assert traffic.uplink == sum(wire_bytes(payload) for payload in received)
     assert traffic.dense_uplink == len(received) * dense_wire_bytes(layout_of(GLOBAL))

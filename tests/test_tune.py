@@ -16,15 +16,7 @@ BASE = {"run": "tiny.yaml", "set": {"federation.rounds": 3, "federation.num_clie
                                     "data.test_size": 200}}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny federations: torch's threads cost more than they give on a shared machine."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tune_file(tmp_path, **values):

@@ -3,6 +3,10 @@
 Kept apart from ``pollen.cli`` so the simulation commands stay readable; the server,
 client and export code is imported inside each command (``pollen`` imports none of
 those packages at module level).
+
+Every failure these commands expect (bad input, a busy port, a process that died, a
+damaged file) ends as one line naming the file or port and the problem, exit code 2
+for bad input and 1 for a deployment that failed; ``--debug`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -14,19 +18,29 @@ import time
 from pathlib import Path
 
 from pollen.config import ConfigError, load_config
+from pollen.flower_processes import FlowerError
 
 COMMANDS = ("certs", "server", "client", "export")
 LOCAL_NAMES = ["localhost", "127.0.0.1"]  # the server's own `flwr` calls reach the SuperLink here
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
-    certs = commands.add_parser("certs", help="create a CA, the server certificate and device keys")
+    certs = commands.add_parser("certs", help="create a CA, the server certificate and device keys; "
+                                              "add, revoke devices; renew the server certificate")
     certs.add_argument("folder", help="where to write them (created; private keys are owner-only)")
-    certs.add_argument("--server-name", action="append", required=True, metavar="HOST",
-                       help="a host name or IP address devices dial (repeatable); "
+    certs.add_argument("--server-name", action="append", default=[], metavar="HOST",
+                       help="a host name or IP address devices dial (repeatable; needed to create); "
                             "localhost and 127.0.0.1 are always added")
     certs.add_argument("--devices", type=int, default=3, help="device key pairs to create (default 3)")
     certs.add_argument("--force", action="store_true", help="replace existing files")
+    change = certs.add_mutually_exclusive_group()
+    change.add_argument("--revoke", action="append", default=[], metavar="device-N",
+                        help="take a device out of the federation (repeatable): its keys move to revoked/")
+    change.add_argument("--add-devices", type=int, metavar="K",
+                        help="write K more device key pairs, numbered after the highest issued")
+    change.add_argument("--renew-server", action="store_true",
+                        help="re-issue server.pem/server.key from the existing CA (devices change nothing); "
+                             "--server-name as when created, or kept from the current certificate")
 
     server = commands.add_parser("server", help="run the federation's server (Flower SuperLink + Pollen)")
     server.add_argument("--config", help="YAML config (default: the built-in default run)")
@@ -72,15 +86,36 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         return {"certs": certs_command, "server": server_command, "client": client_command,
                 "export": export_command}[args.command](args)
-    except ConfigError as error:
-        parser.exit(2, f"pollen: config error: {error}\n")
-    except ValueError as error:  # every bad-input error of these commands is a ValueError
-        parser.exit(2, f"pollen {args.command}: {error}\n")
+    # Every bad-input error of these commands is a ValueError; OSError: a file that cannot be
+    # read or written; FlowerError: a deployment that could not start or run.
+    except (ValueError, OSError, FlowerError) as error:
+        if getattr(args, "debug", False):
+            raise
+        prefix = "pollen: config error" if isinstance(error, ConfigError) else f"pollen {args.command}"
+        if isinstance(error, FlowerError):
+            print(f"{prefix}: {one_line(error)}", file=sys.stderr)
+            return 1
+        parser.exit(2, f"{prefix}: {one_line(error)}\n")
+
+
+def one_line(error: Exception) -> str:
+    """The error's first line: the rest (a log's end, a library's detail) is in the logs or --debug."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
 
 
 def certs_command(args: argparse.Namespace) -> int:
-    from pollen.certs import make_certificates
+    from pollen.certs import CertificateError, make_certificates
 
+    if args.revoke:
+        return revoke_command(args)
+    if args.add_devices is not None:
+        return add_devices_command(args)
+    if args.renew_server:
+        return renew_server_command(args)
+    if not args.server_name:
+        raise CertificateError("--server-name HOST is required to create a federation's certificates "
+                               "(the name or IP address devices dial)")
     names = list(dict.fromkeys([*args.server_name, *LOCAL_NAMES]))
     paths = make_certificates(args.folder, names, devices=args.devices, force=args.force)
     print(f"CA:      {paths.ca_cert}  (copy to every device)")
@@ -90,10 +125,40 @@ def certs_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def revoke_command(args: argparse.Namespace) -> int:
+    from pollen.certs import REVOKED, revoke_devices
+
+    revoke_devices(args.folder, args.revoke)
+    print(f"revoked {', '.join(dict.fromkeys(args.revoke))}: keys moved to {Path(args.folder) / REVOKED}; "
+          "a running pollen server unregisters them at its next poll, a restarted one never registers them")
+    return 0
+
+
+def add_devices_command(args: argparse.Namespace) -> int:
+    from pollen.certs import DEVICES, add_devices
+
+    keys = add_devices(args.folder, args.add_devices)
+    print(f"added {', '.join(key.stem for key in keys)} in {Path(args.folder) / DEVICES}: copy device-N.key to "
+          "device N; a running pollen server registers them at its next poll")
+    return 0
+
+
+def renew_server_command(args: argparse.Namespace) -> int:
+    from pollen.certs import SERVER_CERT, expires_on, renew_server_certificate, server_names_of
+
+    current = Path(args.folder) / SERVER_CERT
+    given = args.server_name or (server_names_of(current) if current.is_file() else [])
+    names = list(dict.fromkeys([*given, *LOCAL_NAMES]))
+    cert = renew_server_certificate(args.folder, names)
+    print(f"renewed {cert} (valid for {', '.join(names)} until {expires_on(cert):%Y-%m-%d}); ca.pem and the "
+          "device keys are unchanged; restart pollen server (--resume RUN) to use it")
+    return 0
+
+
 def server_command(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from pollen.flower_processes import CONNECTION, FlowerError
+    from pollen.flower_processes import CONNECTION
     from pollen.run_folder import RunFolder
     from pollen.server.deploy import DEFAULT_PORT, Deployment
     from pollen.server.fleet_proxy import RequestLimits
@@ -116,6 +181,9 @@ def server_command(args: argparse.Namespace) -> int:
     certs = None if args.insecure else Path(args.certs)
     deployment = Deployment(config, run.path, certs, host=args.host, port=args.port or DEFAULT_PORT,
                             resume=bool(args.resume), limits=limits)
+    deployment.check_ports()  # a busy port is the first thing said
+    for warning in deployment.warnings:
+        console.print(f"[bold yellow]WARNING[/]: {warning}", soft_wrap=True)
     if args.insecure:
         reach = ("listening on 127.0.0.1 only; pass --host to open it to a network you trust"
                  if args.host is None else f"listening on {deployment.host}: anyone who reaches it may join")
@@ -127,7 +195,7 @@ def server_command(args: argparse.Namespace) -> int:
         try:
             deployment.start()
             limits = deployment.limits
-            door = f"TLS, {len(deployment.public_keys)} registered device keys" if certs else "insecure"
+            door = f"TLS, {len(deployment.node_ids)} registered device keys" if certs else "insecure"
             console.print(f"[bold]pollen server[/]: devices connect to {deployment.host}:{deployment.port}, Fleet API "
                           f"only ({door}; requests up to {limits.max_request_bytes} B, "
                           f"{limits.requests_per_second:g}/s and {limits.burst} at once per address)")
@@ -148,10 +216,8 @@ def server_command(args: argparse.Namespace) -> int:
                                   f"({time.monotonic() - started:.0f} s)")
                 shown[0] = len(records)
 
-            status = deployment.wait(args.timeout, on_poll=show_rounds)
-        except FlowerError as error:
-            console.print(f"[red]pollen server: {error}[/]")
-            return 1
+            status = deployment.wait(args.timeout, on_poll=show_rounds,
+                                     on_change=lambda line: console.print(f"devices: {line}", soft_wrap=True))
         except KeyboardInterrupt:
             console.print(f"stopped; go on with `pollen server --resume {deployment.folder} "
                           f"--certs {args.certs or '...'}`")
