@@ -16,6 +16,7 @@ from pollen.config import Config, config_from_run_config
 from pollen.data import Split, load_dataset, load_local_data, num_classes, partitions
 from pollen.metrics import evaluate
 from pollen.models import initial_arrays, load_model, load_trainable, trainable_arrays
+from pollen.privacy import privatized
 
 DATA_PATH = "data-path"  # node_config key set by `pollen client --data PATH`
 app = ClientApp()
@@ -40,8 +41,9 @@ def train(msg: Message, context: Context) -> Message:
 
     local = trainable_arrays(model)
     feedback = ErrorFeedback(context.state, config.codec.feedback_max_age)
-    update = feedback.add_residual({name: local[name] - global_arrays[name] for name in global_arrays},
-                                   server_round)
+    # Clipped and noised first (privacy.*), so error feedback and the codec see only the private update.
+    change = privatized({name: local[name] - global_arrays[name] for name in global_arrays}, config.privacy, seed)
+    update = feedback.add_residual(change, server_round)
     codec = config.codec.build()
     rms = run.gradient_rms if codec.uses_gradient_rms else None
     payload = encode(update, codec, seed=seed, gradient_rms=rms)

@@ -294,6 +294,21 @@ class StrategyParams:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    """Client-level differential privacy (pollen/privacy.py): clipping and Gaussian noise on each update."""
+
+    noise_multiplier: float = 0.0  # sigma: noise std / clip_norm; 0 = no noise, no clipping
+    clip_norm: float = 1.0  # C: each update's L2 norm is clipped to this
+    delta: float = 1e-5  # the delta the epsilon in the record is given at
+
+    def check(self) -> None:
+        _at_least("privacy.noise_multiplier", self.noise_multiplier, 0.0)
+        _positive("privacy.clip_norm", self.clip_norm)
+        if not 0.0 < self.delta < 1.0:
+            raise ConfigError(f"privacy.delta: must be in (0, 1), got {self.delta}")
+
+
+@dataclass(frozen=True)
 class SimulationConfig:
     """How a simulated federation runs: backend, device population, client state."""
 
@@ -329,6 +344,7 @@ class Config:
     downlink: DownlinkConfig = field(default_factory=DownlinkConfig)
     strategy: StrategyParams = field(default_factory=StrategyParams)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def check(self) -> None:
         # NaN and infinity slip through every range check (nan < 0 and nan > 0 are both
@@ -398,7 +414,8 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
 
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool}
 _SECTIONS = {cls.__name__: cls for cls in (ModelConfig, LoraSettings, DataConfig, TrainConfig, FederationConfig,
-                                             EarlyStopping, CodecConfig, DownlinkConfig, SimulationConfig)}
+                                             EarlyStopping, CodecConfig, DownlinkConfig, SimulationConfig,
+                                             PrivacyConfig)}
 
 
 def from_dict(values: dict[str, Any]) -> Config:

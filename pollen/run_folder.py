@@ -69,6 +69,7 @@ class RoundRecord:
     early_stop: str | None = None  # why the run stopped here, and which round's model it kept
     # Federated evaluation's spread over the clients asked: worst, 10th percentile, mean accuracy.
     federated_spread: dict | None = None
+    epsilon: float | None = None  # privacy spent by each client so far, at privacy.delta (privacy.* set)
 
 
 class RunFolder:

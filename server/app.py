@@ -36,6 +36,7 @@ from pollen.config import Config, config_from_run_config
 from pollen.data import Split, load_dataset, num_classes
 from pollen.metrics import class_report, evaluate, spread
 from pollen.models import initial_arrays, load_model, load_trainable
+from pollen.privacy import epsilon
 from pollen.run_folder import RoundRecord, RunFolder
 from pollen.schedules import learning_rate
 from pollen.server.broadcast import Broadcast
@@ -97,7 +98,7 @@ def run_federation(grid: Grid, config: Config, folder: RunFolder,
             # Evaluate, record; stop early with the best round's model; checkpoint.
             record = record_round(server_round, state, outcome, model, test_split, started, round_started,
                                   round_fields)
-            record = dataclasses.replace(record, lr=lr,
+            record = dataclasses.replace(record, lr=lr, epsilon=epsilon(config.privacy, config.federation, server_round),
                                          early_stop=stopper.after(server_round, record.accuracy, state.arrays))
             if record.early_stop:
                 state.arrays = stopper.best_arrays
