@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 from collections.abc import Mapping
 from importlib.metadata import entry_points
 from typing import Any
@@ -143,10 +144,19 @@ def make_strategy(config: Config) -> Strategy:
         "min_evaluate_nodes": max(1, round(fed.fraction_evaluate * fed.num_clients)),
     }
     training = {key: getattr(config.train, key) for key in TRAINING if key in strategy_parameters(cls)}
+    no_evaluation = logging.getLogger("flwr")
+    no_evaluation.addFilter(_no_evaluation_warning)  # Pollen's default, not a mistake to warn of
     try:
         return cls(**sampling, **training, **settings)
     except (TypeError, ValueError) as error:  # a value the strategy itself refuses
         raise StrategyError(f"strategy: {fed.strategy} rejected {settings}: {error}") from error
+    finally:
+        no_evaluation.removeFilter(_no_evaluation_warning)
+
+
+def _no_evaluation_warning(record: logging.LogRecord) -> bool:
+    """Drop Flower's warning that fraction_evaluate 0 skips federated evaluation: it is off by choice."""
+    return not record.getMessage().startswith("fraction_evaluate is set to 0.0")
 
 
 def has_server_optimizer(strategy: Strategy) -> bool:

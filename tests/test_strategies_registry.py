@@ -164,3 +164,15 @@ def test_the_readme_strategy_example_runs(tmp_path, monkeypatch, task_identity):
               {"w": np.array([1.0, 0.0, -1.0, -2.0], np.float32)}]
     new = run_round_of(strategy, start, deltas, [1, 1])
     np.testing.assert_array_equal(new["w"], [0.25, 0.0, -0.25, 0.0])
+
+
+def test_pollens_default_of_no_federated_evaluation_draws_no_flower_warning(caplog):
+    import logging
+
+    from pollen.config import load_config
+    from pollen.strategies import make_strategy
+
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        make_strategy(load_config(None))
+        make_strategy(load_config(None, ["federation.strategy=fedavg"]))
+    assert not [r for r in caplog.records if "fraction_evaluate" in r.getMessage()]
