@@ -38,8 +38,8 @@ from rich import box  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from pollen.config import (Config, ConfigError, differences, from_dict, load_config, run_config_of,  # noqa: E402
-                           to_dict, with_overrides)
+from pollen.config import (Config, ConfigError, differences, from_dict, load_config, read_yaml,  # noqa: E402
+                           run_config_of, to_dict, with_overrides)
 from pollen.run_folder import RoundRecord, RunFolder  # noqa: E402
 from pollen.server.plot import codec_label, log_scale_if_wide  # noqa: E402
 from pollen.simulations.run import simulate  # noqa: E402
@@ -104,7 +104,7 @@ def load_compare(path: str | Path) -> CompareConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"compare config not found: {path}")
-    values = yaml.safe_load(path.read_text()) or {}
+    values = read_yaml(path) or {}
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     unknown = sorted(set(values) - set(KEYS))

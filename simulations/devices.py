@@ -34,13 +34,13 @@ from pathlib import Path
 from uuid import uuid4
 
 import numpy as np
-import yaml
 from flwr.app import Error, Message, MessageType
 from flwr.serverapp import Grid
 
 from pollen.codec import wire_bytes
-from pollen.config import ConfigError
+from pollen.config import ConfigError, read_yaml
 from pollen.flower_internals import ErrorCode
+from pollen.server.checkpoint import CheckpointError
 from pollen.simulations.grid_wrapper import GridWrapper
 
 BITS_PER_BYTE = 8
@@ -57,10 +57,12 @@ class DeviceProfile:
     dropout: float = 0.0
 
     def check(self, where: str) -> None:
+        for key in ("share", "compute_speed", "uplink_mbps", "downlink_mbps", "availability", "dropout"):
+            if not _is_number(getattr(self, key)):
+                raise ConfigError(f"{where}.{key}: must be a finite number, got {getattr(self, key)!r}")
         for key in ("share", "compute_speed", "uplink_mbps", "downlink_mbps"):
-            value = getattr(self, key)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ConfigError(f"{where}.{key}: must be a positive number, got {value!r}")
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"{where}.{key}: must be a positive number, got {getattr(self, key)!r}")
         if not 0 < self.availability <= 1:
             raise ConfigError(f"{where}.availability: must be in (0, 1], got {self.availability!r}")
         if not 0 <= self.dropout < 1:
@@ -78,15 +80,15 @@ def load_profiles(path: str | Path) -> DeviceProfiles:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"simulation.devices: file not found: {path}")
-    values = yaml.safe_load(path.read_text())
+    values = read_yaml(path)
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping with examples_per_second and profiles")
     unknown = set(values) - {"examples_per_second", "profiles"}
     if unknown:
         raise ConfigError(f"{path}: unknown key {sorted(unknown)[0]!r} (known: examples_per_second, profiles)")
     speed = values.get("examples_per_second")
-    if isinstance(speed, bool) or not isinstance(speed, (int, float)) or not speed > 0:
-        raise ConfigError(f"{path}: examples_per_second must be a positive number, got {speed!r}")
+    if not (_is_number(speed) and speed > 0):
+        raise ConfigError(f"{path}: examples_per_second must be a positive finite number, got {speed!r}")
     entries = values.get("profiles")
     if not isinstance(entries, list) or not entries:
         raise ConfigError(f"{path}: profiles must be a non-empty list")
@@ -106,6 +108,10 @@ def load_profiles(path: str | Path) -> DeviceProfiles:
         profile.check(where)
         profiles.append(profile)
     return DeviceProfiles(float(speed), tuple(profiles))
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class DevicePopulation:
@@ -147,7 +153,7 @@ class RoundTiming:
     seconds: float = 0.0  # simulated duration: slowest reply in time, or the deadline
     sampled: list[int] = field(default_factory=list)
     dropouts: list[int] = field(default_factory=list)
-    stragglers: list[int] = field(default_factory=list)  # replied after the deadline
+    stragglers: list[int] = field(default_factory=list)  # replied after the deadline (or the client timeout)
 
 
 class DeviceGrid(GridWrapper):
@@ -155,6 +161,8 @@ class DeviceGrid(GridWrapper):
 
     Without a population every node is always online, never drops out and the clock
     stays unset; the participants of every round are still written to ``log_path``.
+    A reply the backend itself reports as missing (REPLY_MESSAGE_UNAVAILABLE: e.g. the
+    in-process backend's wall-clock client timeout) counts as a straggler's too.
     """
 
     def __init__(self, inner: Grid, population: DevicePopulation | None, seed: int, local_epochs: int,
@@ -218,6 +226,9 @@ class DeviceGrid(GridWrapper):
         finished = []
         for reply in replies:
             request = request_of.get(reply.metadata.reply_to_message_id)
+            missing = reply.has_error() and reply.error.code == ErrorCode.REPLY_MESSAGE_UNAVAILABLE
+            if request is not None and missing:  # the backend gave up on it: late, as after a deadline
+                timing.stragglers.append(node_of[id(request)])
             if self.population is None or request is None or reply.has_error():
                 out.append(reply)
                 continue
@@ -232,10 +243,36 @@ class DeviceGrid(GridWrapper):
             out.append(reply)
         timing.stragglers.sort()
         if self.population is not None:
-            timing.seconds = self.deadline if timing.stragglers else max(finished, default=0.0)
+            timing.seconds = self.deadline if self.deadline and timing.stragglers else max(finished, default=0.0)
             self.clock += timing.seconds
-        self._log(server_round, timing)
         return out
+
+    def finish_round(self, server_round: int) -> dict:
+        """The round is over (the server is recording it): log its participants; its record fields.
+
+        The log line also holds what a resumed run needs to go on exactly as this one
+        does: the clock and how many availability draws were made so far (``resume``).
+        """
+        if server_round in self.rounds and self.log_path is not None:
+            line = {"round": server_round, **self.rounds[server_round].__dict__, "clock": self.clock,
+                    "draws": self._draws}
+            with self.log_path.open("a") as handle:
+                handle.write(json.dumps(line) + "\n")
+        return self.record_fields(server_round)
+
+    def resume(self, server_round: int) -> None:
+        """Go on after ``server_round`` of an earlier run logged to ``log_path``; later lines are dropped."""
+        text = self.log_path.read_text() if self.log_path.exists() else ""
+        lines = [json.loads(line) for line in text.splitlines() if line]
+        kept = [line for line in lines if line["round"] <= server_round]
+        self.log_path.write_text("".join(json.dumps(line) + "\n" for line in kept))
+        if server_round == 0:
+            return
+        last = kept[-1] if kept else {}
+        if last.get("round") != server_round or "draws" not in last:
+            raise CheckpointError(f"{self.log_path}: no entry for round {server_round}; "
+                                  "the run cannot be resumed exactly")
+        self.clock, self._draws = float(last["clock"]), int(last["draws"])
 
     def record_fields(self, server_round: int) -> dict:
         """Simulated-time fields of the run record for ``server_round`` (after its training)."""
@@ -259,12 +296,6 @@ class DeviceGrid(GridWrapper):
         examples = float(metrics.get("num-examples", 0)) * self.local_epochs
         uplink = sum(wire_bytes(r) for r in reply.content.array_records.values())
         return self.population.seconds(node_id, downlink, examples, uplink)
-
-    def _log(self, server_round: int, timing: RoundTiming) -> None:
-        if self.log_path is None:
-            return
-        with self.log_path.open("a") as handle:
-            handle.write(json.dumps({"round": server_round, **timing.__dict__}) + "\n")
 
 
 def _error_reply(message: Message, code: int, reason: str) -> Message:

@@ -5,10 +5,22 @@ kept last time (``client_state``: in memory, or spilled to disk for large popula
 so per-client state such as error-feedback residuals lives exactly where it would on
 a device; the ServerApp and ClientApp run unchanged. Nothing is done per node of the
 population that is not addressed: a round costs the same with 100 or 10,000 nodes.
+
+A client that fails in any way (any exception, ``SystemExit`` included) becomes an
+error reply, as Flower's runtime reports a raising ClientApp; only Ctrl-C
+(``KeyboardInterrupt``) stops the run. With a ``client_timeout`` a client runs in a
+thread of its own and is given up after that many wall-clock seconds: the round goes on
+with a REPLY_MESSAGE_UNAVAILABLE reply (a straggler's), the client's state stays as it
+was, and the thread is asked to stop (an exception raised in it at its next Python
+instruction). Python cannot kill a thread: one stuck inside a single long native call
+runs on until that call returns, sharing the process's cached model with the clients
+after it, and whatever it returns is thrown away.
 """
 
 from __future__ import annotations
 
+import ctypes
+import threading
 from collections.abc import Iterable
 from logging import WARNING
 from uuid import uuid4
@@ -28,8 +40,9 @@ class InProcessGrid(Grid):
     """Delivers messages to ``client_app`` in this process, one node at a time."""
 
     def __init__(self, client_app: ClientApp, num_nodes: int, run_config: dict,
-                 states: ClientStates | None = None) -> None:
+                 states: ClientStates | None = None, client_timeout: float = 0.0) -> None:
         self.client_app = client_app
+        self.client_timeout = client_timeout  # wall-clock seconds per message; 0 = no limit
         self.run_config = dict(run_config)
         # Node ids are 1..N: partition-id = node id - 1.
         self.node_ids = list(range(1, num_nodes + 1))
@@ -75,21 +88,71 @@ class InProcessGrid(Grid):
         return [self.deliver(message) for message in messages]
 
     def deliver(self, message: Message) -> Message:
-        """Run the ClientApp on one message; an exception becomes an error reply, as in Flower."""
+        """Run the ClientApp on one message; a failure becomes an error reply, as in Flower."""
         node_id = message.metadata.dst_node_id
         set_message_id(message, uuid4().hex)  # the SuperLink assigns ids; here this backend is it
         if not 1 <= node_id <= len(self.node_ids):
             return Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason=f"no node with id {node_id}"),
                            reply_to=message)
         context = self.context(node_id)
-        try:
-            reply = self.client_app(message, context)
-        except Exception as error:  # a failing client must not stop the federation
+        call = ClientCall(self.client_app, message, context)
+        if self.client_timeout:
+            call.run_within(self.client_timeout)
+        else:
+            call.run()
+        if call.timed_out:
+            log(WARNING, "node %s took longer than %g s; its reply is given up", node_id, self.client_timeout)
+            return Message(Error(code=ErrorCode.REPLY_MESSAGE_UNAVAILABLE,
+                                 reason=f"no reply within the client timeout of {self.client_timeout:g} s"),
+                           reply_to=message)
+        if isinstance(call.error, KeyboardInterrupt):  # Ctrl-C, or a client that raised it: stop the run
+            raise call.error
+        if call.error is not None:  # a failing client must not stop the federation
+            error = call.error
             log(WARNING, "node %s raised %s: %s", node_id, type(error).__name__, error)
             reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
                                   reason=f"{type(error).__name__}: {error}"), reply_to=message)
-        self.states.save(node_id, context.state)
+        else:
+            reply = call.reply
+        self.states.save(node_id, context.state, server_round_of(message))
         return reply
 
     def close(self) -> None:
         self.states.close()
+
+
+class ClientCall:
+    """One ClientApp call: its reply or what it raised, or that it ran out of time."""
+
+    def __init__(self, client_app: ClientApp, message: Message, context: Context) -> None:
+        self.client_app, self.message, self.context = client_app, message, context
+        self.reply: Message | None = None
+        self.error: BaseException | None = None
+        self.timed_out = False
+
+    def run(self) -> None:
+        try:
+            self.reply = self.client_app(self.message, self.context)
+        except BaseException as error:  # SystemExit too: a client cannot end the simulation
+            self.error = error
+
+    def run_within(self, seconds: float) -> None:
+        """``run`` in a daemon thread; after ``seconds`` give up on it and ask it to stop."""
+        thread = threading.Thread(target=self.run, name="pollen-client", daemon=True)
+        thread.start()
+        thread.join(seconds)
+        if thread.is_alive():
+            self.timed_out = True
+            # Raised in the thread at its next Python instruction (see the module docstring).
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident),
+                                                        ctypes.py_object(ClientTimedOut))
+
+
+class ClientTimedOut(BaseException):
+    """Raised inside a client's thread once its time is up, to stop it."""
+
+
+def server_round_of(message: Message) -> int:
+    """The round a train or evaluate message belongs to (0 for other messages)."""
+    config = message.content.config_records.get("config")
+    return int(config.get("server-round", 0)) if config is not None else 0

@@ -47,13 +47,12 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import optuna  # noqa: E402
-import yaml  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 from rich import box  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from pollen.config import Config, ConfigError, load_config, save_config  # noqa: E402
+from pollen.config import Config, ConfigError, load_config, read_yaml, save_config  # noqa: E402
 from pollen.run_folder import RoundRecord, RunFolder  # noqa: E402
 from pollen.server.plot import log_scale_if_wide  # noqa: E402
 from pollen.simulations.compare import overridden  # noqa: E402
@@ -109,7 +108,7 @@ def load_tune(path: str | Path) -> TuneConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"tune config not found: {path}")
-    values = yaml.safe_load(path.read_text()) or {}
+    values = read_yaml(path) or {}
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     unknown = sorted(set(values) - set(KEYS))

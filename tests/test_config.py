@@ -64,6 +64,7 @@ def test_a_bad_flower_run_config_is_named(run_config, named):
     ("train.adam_eps=0", "train.adam_eps"),
     ("train.batch_size=0", "train.batch_size"),
     ("train.weight_decay=-1", "train.weight_decay"),
+    ("simulation.client_timeout_seconds=-1", "simulation.client_timeout_seconds"),
 ])
 def test_bad_codec_downlink_and_train_settings_are_named(override, named):
     with pytest.raises(ConfigError, match=named):
@@ -73,3 +74,12 @@ def test_bad_codec_downlink_and_train_settings_are_named(override, named):
 def test_sign_values_cannot_be_rounded_stochastically():
     with pytest.raises(ConfigError, match="codec.stochastic"):
         load_config(overrides=["codec.bits=1", "codec.stochastic=true"])
+
+
+def test_a_config_file_that_is_not_yaml_names_the_file_and_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  lr: 0.1\n  batch_size: [16\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: not valid YAML \(line 4, column 1: expected ',' or ']'"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"^--set 'train.lr=\{': the value is not valid YAML"):
+        load_config(overrides=["train.lr={"])

@@ -11,6 +11,7 @@ from pollen.config import ConfigError, load_config
 from pollen.simulations.devices import DeviceGrid, DevicePopulation, device_grid, load_profiles
 from pollen.simulations.inprocess import InProcessGrid
 from pollen.run_folder import RunFolder
+from pollen.server.checkpoint import CheckpointError
 from pollen.simulations.run import simulate
 
 TINY = "simulations/configs/tiny.yaml"
@@ -63,6 +64,12 @@ def test_profiles_load_and_bad_values_name_the_key(tmp_path):
         load_profiles(fleet_file(tmp_path, profile(), examples_per_second=-1))
     with pytest.raises(ConfigError, match="not found"):
         load_profiles(tmp_path / "missing.yaml")
+    for change, named in [({"dropout": ".nan"}, "dropout: must be a finite number"),
+                          ({"availability": "often"}, "availability: must be a finite number")]:
+        with pytest.raises(ConfigError, match=named):
+            load_profiles(fleet_file(tmp_path, profile(**change)))
+    with pytest.raises(ConfigError, match="examples_per_second"):
+        load_profiles(fleet_file(tmp_path, profile(), examples_per_second=".inf"))
     # The file is read where the fleet is built, before any model loads (a device never reads it).
     config = load_config(TINY, ["simulation.devices=no/such/fleet.yaml"])
     with pytest.raises(ConfigError, match="simulation.devices: file not found"):
@@ -130,8 +137,36 @@ def test_dropouts_never_reach_the_client_and_reply_node_unavailable(tmp_path):
     assert 5 < len(dropped) < 35
     assert sorted(delivered + dropped) == nodes
     assert all(r.error.code == ErrorCode.NODE_UNAVAILABLE for r in replies if r.has_error())
+    assert grid.finish_round(1)["dropouts"] == len(dropped)
     logged = json.loads((tmp_path / "log.jsonl").read_text())
     assert logged["sampled"] == nodes and logged["dropouts"] == sorted(dropped)
+
+
+def test_a_resumed_device_grid_goes_on_with_the_same_draws_and_clock(tmp_path):
+    fleet = load_profiles(fleet_file(tmp_path, profile(availability=0.5, dropout=0.2)))
+
+    def device_grid_at(log):
+        return DeviceGrid(InProcessGrid(stub, 200, {}), DevicePopulation(fleet, 200, 0), seed=0, local_epochs=2,
+                          log_path=log)
+
+    def play(grid, rounds):
+        seen = []
+        for server_round in rounds:
+            online = grid.get_node_ids()
+            train_round(grid, online[:10], server_round)
+            seen.append((online, grid.finish_round(server_round)))
+        return seen
+
+    whole = play(device_grid_at(tmp_path / "whole.jsonl"), [1, 2, 3, 4])
+    log = tmp_path / "resumed.jsonl"
+    play(device_grid_at(log), [1, 2, 3])  # killed during round 3: its line is written, its checkpoint is not
+    resumed = device_grid_at(log)
+    resumed.resume(2)
+    assert [json.loads(line)["round"] for line in log.read_text().splitlines()] == [1, 2]
+    assert play(resumed, [3, 4]) == whole[2:]
+    assert log.read_text() == (tmp_path / "whole.jsonl").read_text()
+    with pytest.raises(CheckpointError, match="round 7"):
+        device_grid_at(log).resume(7)
 
 
 def test_a_fleet_that_cannot_fill_a_round_is_refused(tmp_path, inner):

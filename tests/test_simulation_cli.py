@@ -67,8 +67,15 @@ def test_a_bad_device_file_is_a_config_error(tmp_path, capsys):
     fleet = tmp_path / "fleet.yaml"
     fleet.write_text("examples_per_second: 10\nprofiles:\n  - {name: x, share: 1, compute_speed: 1, "
                      "uplink_mbps: 1, downlink_mbps: 1, availability: 2}\n")
-    code = main(["simulate", TINY, "--set", f"simulation.devices={fleet}", "--output", str(tmp_path / "run")])
-    assert code == 2 and "availability" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["simulate", TINY, "--set", f"simulation.devices={fleet}", "--output", str(tmp_path / "run")])
+    assert exit_info.value.code == 2 and "availability" in capsys.readouterr().err
+
+
+def restore_ctrl_c() -> None:
+    """In the child: Ctrl-C's default action, whatever the parent had (a shell's background
+    job ignores SIGINT, and an ignored signal stays ignored across exec)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def test_ctrl_c_stops_cleanly_and_keeps_the_finished_rounds(tmp_path):
@@ -76,7 +83,8 @@ def test_ctrl_c_stops_cleanly_and_keeps_the_finished_rounds(tmp_path):
     process = subprocess.Popen(
         [sys.executable, "-m", "pollen.cli", "simulate", TINY, "--set", "federation.rounds=200",
          "--set", "train.local_epochs=1", "--output", str(tmp_path)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=restore_ctrl_c)
     try:
         deadline = time.monotonic() + 240
         rounds = tmp_path / "rounds.jsonl"
@@ -92,7 +100,7 @@ def test_ctrl_c_stops_cleanly_and_keeps_the_finished_rounds(tmp_path):
             process.kill()
             process.wait()
     assert process.returncode == 130, out
-    assert "stopped by Ctrl-C" in out
+    assert "stopped by Ctrl-C" in out and "pollen simulate --resume" in out
     kept = [json.loads(line) for line in rounds.read_text().splitlines()]
     assert 2 <= len(kept) < 201 and [entry["round"] for entry in kept] == list(range(len(kept)))
     assert (tmp_path / "accuracy.png").read_bytes()[:4] == b"\x89PNG"

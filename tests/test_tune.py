@@ -113,3 +113,26 @@ def test_the_example_tune_config_loads():
     tune = load_tune("simulations/configs/tune.yaml")
     assert {p.key for p in tune.space} >= {"train.lr", "codec.density"} and tune.trials >= 10
     assert isinstance(optuna.samplers.TPESampler(), optuna.samplers.BaseSampler)
+
+
+def test_the_cli_runs_a_study_and_a_second_call_carries_it_on(tmp_path, capsys):
+    from pollen.cli import main
+
+    path = tune_file(tmp_path, trials=1, pruner="none", space={"train.lr": {"choices": [0.01]}})
+    assert main(["tune", str(path), "--output", str(tmp_path / "out"), "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "trial 0 complete" in printed and "best.yaml" in printed
+    assert main(["tune", str(path), "--output", str(tmp_path / "out"), "--threads", "1"]) == 0
+    assert "trial 1" not in capsys.readouterr().out  # the budget was already met
+
+
+def test_the_cli_names_a_bad_tune_config_in_one_line(tmp_path, capsys):
+    from pollen.cli import main
+
+    path = tmp_path / "t.yaml"
+    path.write_text("space: [\n")
+    with pytest.raises(SystemExit) as stop:
+        main(["tune", str(path)])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pollen: config error:") and "t.yaml: not valid YAML" in err and err.count("\n") == 1
