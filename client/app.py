@@ -8,6 +8,7 @@ import time
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from pollen.client.attacks import CLAIMED_EXAMPLES, attack_of, flipped_labels, poisoned
 from pollen.client.error_feedback import ErrorFeedback
 from pollen.client.global_copy import GlobalCopy
 from pollen.client.training import train_locally
@@ -27,6 +28,10 @@ def train(msg: Message, context: Context) -> Message:
     config = config_from_run_config(context.run_config)
     model = load_model(config.model, num_classes(config.data), config.seed)
     data = local_data(config, context.node_config)
+    # simulation.attack: a simulated client may be one of the run's attackers; a device never is.
+    attack = None if DATA_PATH in context.node_config else attack_of(config, context.node_config)
+    if attack == "label-flip" and data.labels.dim() == 1:
+        data = dataclasses.replace(data, labels=flipped_labels(data.labels, num_classes(config.data)))
     round_config = msg.content["config"]  # what changes per round: its number, the downlink, FedProx's mu
     global_arrays = global_copy(config, context).receive(msg.content["arrays"], round_config)
     load_trainable(model, global_arrays)
@@ -43,6 +48,8 @@ def train(msg: Message, context: Context) -> Message:
     feedback = ErrorFeedback(context.state, config.codec.feedback_max_age)
     # Clipped and noised first (privacy.*), so error feedback and the codec see only the private update.
     change = privatized({name: local[name] - global_arrays[name] for name in global_arrays}, config.privacy, seed)
+    if attack:
+        change = poisoned(change, attack, config.simulation.attack.scale, seed)
     update = feedback.add_residual(change, server_round)
     codec = config.codec.build()
     rms = run.gradient_rms if codec.uses_gradient_rms else None
@@ -53,7 +60,7 @@ def train(msg: Message, context: Context) -> Message:
         feedback.keep(update, decode(payload, layout_of(global_arrays), codec), server_round)
 
     metrics = MetricRecord({
-        "num-examples": len(data),
+        "num-examples": CLAIMED_EXAMPLES if attack == "weight" else len(data),
         "train-loss": run.loss,
         "train-seconds": seconds,
         "encoded-bytes": wire_bytes(payload),

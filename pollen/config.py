@@ -309,6 +309,21 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
+class AttackConfig:
+    """``simulation.attack``: a share of the simulated clients turned hostile (pollen/client/attacks.py)."""
+
+    fraction: float = 0.0  # share of the clients that attack, the same ones all run; 0 = none
+    kind: str = "sign-flip"  # sign-flip | scale | noise | label-flip | weight
+    scale: float = 1000.0  # scale: the factor an attacker multiplies its update by
+
+    def check(self) -> None:
+        if not 0.0 <= self.fraction <= 1.0:
+            raise ConfigError(f"simulation.attack.fraction: must be between 0 and 1, got {self.fraction}")
+        _one_of("simulation.attack.kind", self.kind, ATTACKS)
+        _positive("simulation.attack.scale", self.scale)
+
+
+@dataclass(frozen=True)
 class SimulationConfig:
     """How a simulated federation runs: backend, device population, client state."""
 
@@ -322,8 +337,10 @@ class SimulationConfig:
     ray_address: str = ""  # an existing Ray cluster; "" = start one on this machine
     client_cpus: int = 1  # Ray resources per virtual client
     client_gpus: float = 0.0
+    attack: AttackConfig = field(default_factory=AttackConfig)
 
     def check(self) -> None:
+        self.attack.check()
         _one_of("simulation.backend", self.backend, ("inprocess", "ray"))
         _one_of("simulation.client_state", self.client_state, ("memory", "disk"))
         _at_least("simulation.deadline_seconds", self.deadline_seconds, 0.0)
@@ -415,7 +432,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool}
 _SECTIONS = {cls.__name__: cls for cls in (ModelConfig, LoraSettings, DataConfig, TrainConfig, FederationConfig,
                                              EarlyStopping, CodecConfig, DownlinkConfig, SimulationConfig,
-                                             PrivacyConfig)}
+                                             AttackConfig, PrivacyConfig)}
 
 
 def from_dict(values: dict[str, Any]) -> Config:
@@ -504,6 +521,10 @@ def differences(a: Config, b: Config) -> list[str]:
     """The dotted keys whose values differ between two configs."""
     flat_a, flat_b = run_config_of(a), run_config_of(b)
     return sorted(key for key in flat_a.keys() | flat_b.keys() if flat_a.get(key) != flat_b.get(key))
+
+
+# What a hostile simulated client does (pollen/client/attacks.py).
+ATTACKS = ("sign-flip", "scale", "noise", "label-flip", "weight")
 
 
 # Flower's run config is flat and scalar: ``{"federation.rounds": 20, ...}``. The open-ended
