@@ -75,7 +75,7 @@ def read_path(path: str | Path, columns: tuple[str, ...] = ()) -> LoadedData:
     source = Path(path).expanduser().resolve()
     if not source.exists():
         raise DataError(f"{source}: no such file or folder")
-    if not (source.is_dir() or source.suffix.lower() in READERS or is_text_table(source) or is_hf_dataset(source)):
+    if not (source.is_dir() or source.suffix.lower() in (*READERS, ".jsonl") or is_hf_dataset(source)):
         raise DataError(f"{source}: expected a folder of class folders, an .npz, a .csv, a .jsonl or a .parquet "
                         "file, or a Hugging Face dataset folder")
     # The modification time is in the key so a long-lived process sees a rewritten file.
