@@ -12,6 +12,7 @@ whichever started it:
     classes.json        the final model's per-class precision, recall, F1, support, confusion matrix
     confusion.png       that confusion matrix
     participants.jsonl  per round: sampled, dropped and late clients (simulations)
+    devices.json        a deployment's registered device keys: {Flower node id: key name}
     logs/               the Flower processes' logs (deployment, Ray)
 
 A ServerApp started by Flower learns its folder from the environment of the
@@ -82,6 +83,7 @@ class RunFolder:
     CLASSES = "classes.json"
     CONFUSION = "confusion.png"
     PARTICIPANTS = "participants.jsonl"
+    DEVICES = "devices.json"
     LOGS = "logs"
 
     def __init__(self, path: str | Path) -> None:
@@ -143,6 +145,10 @@ class RunFolder:
     @property
     def participants(self) -> Path:
         return self.path / self.PARTICIPANTS
+
+    @property
+    def devices(self) -> Path:
+        return self.path / self.DEVICES
 
     @property
     def logs(self) -> Path:

@@ -57,8 +57,11 @@ def main(grid: Grid, context: Context) -> None:
     config = config_from_run_config(context.run_config)
     folder, resume = RunFolder.from_environment(config)
     log(INFO, "Pollen run folder: %s", folder.path.resolve())
+    # A deployment (server/deploy.py) writes which device key each node is: its records name device-3.
+    names = json.loads(folder.devices.read_text()) if folder.devices.is_file() else {}
+    clients = KnownClients(names={int(node_id): name for node_id, name in names.items()})
     # A new Flower run starts every client with an empty Context: nobody keeps its global copy.
-    run_federation(grid, config, folder, resume=resume, clients_kept_state=False)
+    run_federation(grid, config, folder, resume=resume, clients_kept_state=False, clients=clients)
 
 
 def run_federation(grid: Grid, config: Config, folder: RunFolder,

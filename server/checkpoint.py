@@ -61,7 +61,7 @@ def save_checkpoint(path: Path, state: ServerState, config: Config) -> None:
         "round": state.round,
         "arrays": state.arrays.to_torch_state_dict(),  # readable without Pollen's classes
         "config": to_dict(config),
-        "state": _pickled(state),
+        "state": pickled(state),
         "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
     }
     partial = path.with_name(path.name + ".partial")
@@ -127,13 +127,14 @@ def _saved_config(path: Path, saved: dict[str, Any]) -> Config:
         raise CheckpointError(f"{path}: its config is not valid any more ({error})") from None
 
 
-def _pickled(state: ServerState) -> bytes:
-    """Pickle, storing the memoryviews Flower's received Arrays hold as the bytes they view."""
+def pickled(value: object) -> bytes:
+    """Pickle ``value`` (a ServerState, a strategy), storing the memoryviews Flower's received Arrays hold as the bytes they view."""
     buffer = io.BytesIO()
     pickler = pickle.Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL)
     pickler.dispatch_table = {**copyreg.dispatch_table, memoryview: lambda view: (bytes, (view.tobytes(),))}
-    pickler.dump(state)
+    pickler.dump(value)
     return buffer.getvalue()
 
 
-__all__ = ["CheckpointError", "ServerState", "load_arrays", "load_checkpoint", "save_checkpoint"]
+__all__ = ["CheckpointError", "ServerState", "load_arrays", "load_checkpoint", "pickled",
+           "save_checkpoint"]

@@ -215,6 +215,7 @@ class Deployment:
         wait_until_ready(LOCALHOST, self.internal_port, self.superlink, timeout)
         for key in [] if self.certs is None else device_keys(self.certs):
             self.node_ids[key] = self.register(key, deadline)
+        self.write_device_names()
         self.proxy = ProcessTree.start(self.proxy_settings().command(), logs / PROXY_LOG, offline_env(),
                                        cwd=self.folder, name="the Fleet proxy")
         wait_until_ready(self.local_host, self.port, self.proxy, max(5.0, deadline - time.monotonic()))
@@ -254,7 +255,14 @@ class Deployment:
             except DeploymentError as error:
                 self.refused.add(key)
                 changes.append(f"{key.name}: not registered: {error}")
+        if changes:
+            self.write_device_names()
         return changes
+
+    def write_device_names(self) -> None:
+        """``devices.json``: the ServerApp names a rejected or clipped node by its key (device-3), not its id."""
+        names = {str(node_id): key.name for key, node_id in sorted(self.node_ids.items(), key=lambda kv: kv[1])}
+        RunFolder(self.folder).devices.write_text(json.dumps(names, indent=2) + "\n")
 
     def nodes(self) -> dict[int, str]:
         """Every node the SuperLink knows and its status (NodeStatus: online, unregistered, ...)."""
@@ -270,8 +278,18 @@ class Deployment:
                              keyfile=self.certs / SERVER_KEY, upstream_ca=self.certs / CA_CERT)
 
     def submit(self, timeout: float = 60.0) -> int:
-        """Submit the Pollen app for the configured rounds; returns Flower's run id."""
-        app = write_app(self.folder / "app", SERVERAPP, CLIENTAPP, run_config_of(self.config))
+        """Submit the Pollen app for the configured rounds; returns Flower's run id.
+
+        The run's config carries ``data.num_classes`` counted here when it is 0: devices
+        hold their own data, not the server's ``data.dataset``, and cannot count it.
+        """
+        from pollen.data import num_classes
+
+        config = self.config
+        if not config.data.num_classes:
+            config = dataclasses.replace(config, data=dataclasses.replace(config.data,
+                                                                          num_classes=num_classes(config.data)))
+        app = write_app(self.folder / "app", SERVERAPP, CLIENTAPP, run_config_of(config))
         reply = self.flwr(["run", str(app), CONNECTION], time.monotonic() + timeout)
         self.run_id = int(reply["run-id"])
         return self.run_id

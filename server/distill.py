@@ -34,7 +34,7 @@ from pollen.config import LoraSettings, ModelConfig
 from pollen.data import Split, load_dataset, num_classes, read_data, to_model_input
 from pollen.metrics import evaluate
 from pollen.models import build_model, resident_bytes
-from pollen.server.export import ExportError, run_model
+from pollen.server.export import ExportError, run_model, seeded_halves
 
 STUDENT_FOLDER = "student"
 LATENCY_REPEATS = 50
@@ -66,6 +66,8 @@ def distill_run(run: Path, student: str = "tiny-cnn", data: str | None = None, e
     if epochs < 1 or temperature <= 0 or lr <= 0 or batch_size < 1:
         raise DistillError(f"epochs, batch size (>= 1), temperature and lr (> 0) must be positive; got "
                            f"{epochs}, {batch_size}, {temperature}, {lr}")
+    if image_size is not None and image_size < 1:
+        raise DistillError(f"--image-size {image_size}: must be positive")
     try:
         config, teacher = run_model(run)
     except ExportError as error:
@@ -137,11 +139,10 @@ def _server_data(held_out: Split, data: str | None, image_size: int, seed: int) 
             raise DistillError(f"--data {data}: holds {loaded.kind} examples; distillation takes images")
         images = to_model_input(loaded.inputs, image_size)
         return Split(images, torch.zeros(len(images), dtype=torch.long)), held_out
-    order = np.random.default_rng(seed).permutation(len(held_out))
-    half = len(order) // 2
-    if half < 1:
-        raise DistillError("the held-out split is too small to divide; pass --data with the server's own images")
-    return held_out.subset(order[:half]), held_out.subset(order[half:])
+    try:
+        return seeded_halves(held_out, seed)
+    except ExportError as error:
+        raise DistillError(f"{error}; pass --data with the server's own images") from None
 
 
 def _logits(model: nn.Module, images: torch.Tensor, batch: int = 256) -> torch.Tensor:

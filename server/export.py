@@ -14,6 +14,15 @@ merged PyTorch model; an export that does not match is an error, not a file. Tex
 models take ``input_ids`` and ``attention_mask`` (batch and sequence length dynamic),
 image models ``images``; a model torch.export cannot trace is refused, naming its kind.
 
+``--prune S`` (``Pruning``) sets the smallest-magnitude share S of every weight layer of
+the merged model to zero with ``torch.nn.utils.prune`` (L1, unstructured, per layer: each
+convolution is followed by BatchNorm, which undoes its weight's scale, so magnitudes are
+not comparable across layers), optionally fine-tunes it (``finetune_rounds`` epochs on a
+seeded half of the held-out split; the accuracy is then measured on the other half), and
+writes the file xz-compressed (``model.onnx.xz``): ONNX and torch.export store dense
+tensors, so the zeros shrink the file a device downloads and stores, not the model it
+decompresses into memory nor ONNX Runtime's dense kernels' time.
+
 ``--format peft`` writes the trained adapters and head, unmerged, as a peft adapter
 directory (``adapter_config.json``, ``adapter_model.safetensors``) for
 ``peft.PeftModel.from_pretrained`` on the fp32 base (``peft_base``: the transformers
@@ -26,6 +35,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import io
+import lzma
+import math
 import os
 import sys
 from collections.abc import Mapping
@@ -34,12 +46,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
+from torch.nn.utils import parametrize, prune
 
 from pollen.config import Config
-from pollen.data import load_dataset, num_classes
+from pollen.data import Split, load_dataset, num_classes
 from pollen.hf_models import CAUSAL, SEQUENCE, HuggingFaceModel
+from pollen.metrics import evaluate
 from pollen.models import BASE_SEED, build_model, load_trainable, model_factory
 from pollen.run_folder import RunFolder
 from pollen.server.checkpoint import load_arrays
@@ -49,6 +63,10 @@ TOLERANCE = 1e-4  # max |exported - PyTorch| logit difference accepted
 PEFT_TOLERANCE = 1e-5  # peft on the run's own base computes what Pollen does, in another order
 PEFT_TASKS = {SEQUENCE: "SEQ_CLS", CAUSAL: "CAUSAL_LM"}  # peft has no task type for image classification
 CHECKED_IMAGES = 64
+PRUNABLE = (nn.Conv2d, nn.Linear, nn.Embedding)  # the layers whose weights --prune zeroes
+COMPRESSED = ".xz"  # a pruned export's suffix: its zeros only shrink a compressed file
+FINETUNE_LR = 1e-4  # small: the pruned model is already trained, the fine-tune only mends it
+FINETUNE_BATCH = 32
 
 
 class ExportError(ValueError):
@@ -56,13 +74,34 @@ class ExportError(ValueError):
 
 
 @dataclass(frozen=True)
+class Pruning:
+    """``--prune S [--finetune-rounds N]``: zero each weight layer's smallest share S, then fine-tune N epochs."""
+
+    sparsity: float
+    finetune_rounds: int = 0  # epochs over a seeded half of the held-out split; the other half measures accuracy
+    seed: int = 0  # draws that half and the fine-tune's batches
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.sparsity, (int, float)) and math.isfinite(self.sparsity)
+                and 0 <= self.sparsity < 1):
+            raise ExportError(f"--prune {self.sparsity}: the sparsity must be in [0, 1), the share of each "
+                              "layer's weights set to zero")
+        if self.finetune_rounds < 0:
+            raise ExportError(f"--finetune-rounds {self.finetune_rounds}: must be 0 or more")
+
+
+@dataclass(frozen=True)
 class ExportResult:
     path: Path
     format: str
-    bytes: int
+    bytes: int  # on disk
     max_difference: float  # exported vs merged PyTorch model (peft: vs the federated one), on ``checked`` examples
     checked: int
     agreement: float  # share of those images where the merged model predicts as the federated one
+    accuracy: float | None = None  # the exported model's, on ``evaluated`` held-out examples (export_run)
+    evaluated: int = 0
+    sparsity: float = 0.0  # share of zeros in the weights of the prunable layers
+    loaded_bytes: int | None = None  # the file decompressed, as the runtime loads it (pruned exports)
 
 
 class Int8Linear(nn.Module):
@@ -106,39 +145,97 @@ def _int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(weight / scale).clamp(-127, 127).to(torch.int8), scale
 
 
-def merged_model(model: nn.Module, int8: bool) -> nn.Module:
-    """A plain copy of ``model`` with LoRA merged in and (``int8``) weight-only int8 linear maps and embeddings."""
+def merged_model(model: nn.Module, int8: bool, pruning: Pruning | None = None,
+                 finetune: Split | None = None) -> nn.Module:
+    """A plain copy of ``model`` with LoRA merged in and (``int8``) weight-only int8 linear maps and embeddings.
+
+    With ``pruning``, the merged fp32 weights are pruned (and fine-tuned on ``finetune``)
+    before they are quantized, so a pruned weight is an exact int8 zero.
+    """
     model = copy.deepcopy(model).eval()
+    merged = []  # the layers the base held quantized or LoRA wrapped: int8 again when the base was
     for name, module in list(model.named_modules()):
+        if any(name.startswith(f"{done}.") for done in merged):
+            continue  # inside a layer already replaced (a LoRA layer's base_layer)
         base = getattr(module, "base_layer", None)
         if base is not None and hasattr(module, "get_delta_weight"):  # a peft LoRA layer
             with torch.no_grad():
                 weight = base.weight.detach().clone()
                 for adapter in module.active_adapters:
                     weight += module.get_delta_weight(adapter)
-            _replace(model, name, _plain(base, weight, int8))
-        elif parametrize.is_parametrized(module, "weight") and not _inside_lora(model, name):
-            _replace(model, name, _plain(module, module.weight.detach().clone(), int8))
+            _replace(model, name, _plain(base, weight))
+            merged.append(name)
+        elif parametrize.is_parametrized(module, "weight"):
+            _replace(model, name, _plain(module, module.weight.detach().clone()))
+            merged.append(name)
+    if pruning is not None:
+        prune_weights(model, pruning, finetune)
+    if int8:
+        for name in merged:
+            _replace(model, name, _int8(model.get_submodule(name)))
     return model
 
 
-def _inside_lora(model: nn.Module, name: str) -> bool:
-    parent = name.rpartition(".")[0]
-    return name.endswith("base_layer") and hasattr(model.get_submodule(parent) if parent else model, "lora_A")
+def prune_weights(model: nn.Module, pruning: Pruning, finetune: Split | None = None) -> None:
+    """Zero the smallest-magnitude share of every prunable layer's weight, in place; fine-tune with the zeros held."""
+    layers = [module for module in model.modules() if isinstance(module, PRUNABLE)]
+    for layer in layers:
+        prune.l1_unstructured(layer, "weight", amount=pruning.sparsity)
+    if pruning.finetune_rounds:
+        if finetune is None:
+            raise ExportError("--finetune-rounds: no examples to fine-tune on")
+        fine_tune(model, finetune, pruning.finetune_rounds, pruning.seed)
+    for layer in layers:
+        prune.remove(layer, "weight")  # the mask becomes the weight: plain tensors with zeros, for export
 
 
-def _plain(layer: nn.Module, weight: torch.Tensor, int8: bool) -> nn.Module:
+def fine_tune(model: nn.Module, split: Split, epochs: int, seed: int) -> None:
+    """Cross-entropy on ``split``, every parameter (prune's masks keep pruned weights at zero).
+
+    BatchNorm keeps its statistics (eval mode): a few hundred examples would only make them noisier.
+    """
+    params = list(model.parameters())
+    for param in params:
+        param.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=FINETUNE_LR, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for batch in torch.randperm(len(split), generator=generator).split(FINETUNE_BATCH):
+            loss = F.cross_entropy(model(split.training_inputs(batch, generator)), split.labels[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    for param in params:
+        param.requires_grad_(False)
+
+
+def weight_sparsity(model: nn.Module) -> float:
+    """Share of zeros in the weights of the prunable layers (int8 ones counted by their int8 values)."""
+    weights = [module.weight for module in model.modules() if isinstance(module, PRUNABLE)]
+    weights += [module.qweight for module in model.modules() if isinstance(module, (Int8Linear, Int8Embedding))]
+    total = sum(weight.numel() for weight in weights)
+    return sum(int((weight == 0).sum()) for weight in weights) / max(total, 1)
+
+
+def seeded_halves(split, seed: int):
+    """Two disjoint halves of a held-out split, drawn by ``seed``: one to learn on, one to measure on."""
+    order = np.random.default_rng(seed).permutation(len(split))
+    half = len(order) // 2
+    if half < 1:
+        raise ExportError(f"the held-out split ({len(split)} examples) is too small to divide in two")
+    return split.subset(order[:half]), split.subset(order[half:])
+
+
+def _plain(layer: nn.Module, weight: torch.Tensor) -> nn.Module:
+    """A plain fp32 layer of ``layer``'s kind computing with ``weight``."""
     if isinstance(layer, nn.Embedding):
-        return Int8Embedding(weight) if int8 else nn.Embedding.from_pretrained(weight, padding_idx=layer.padding_idx)
+        return nn.Embedding.from_pretrained(weight, padding_idx=layer.padding_idx)
     if _transposed(layer):
         weight = weight.t()
     bias = None if layer.bias is None else layer.bias.detach().clone()
-    conv = layer if isinstance(layer, nn.Conv2d) else None
-    if int8:
-        return Int8Linear(weight, bias, conv)
-    if conv is not None:
-        plain = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                          conv.dilation, conv.groups, bias is not None)
+    if isinstance(layer, nn.Conv2d):
+        plain = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                          layer.dilation, layer.groups, bias is not None)
     else:
         plain = nn.Linear(weight.shape[1], weight.shape[0], bias is not None)
     with torch.no_grad():
@@ -146,6 +243,14 @@ def _plain(layer: nn.Module, weight: torch.Tensor, int8: bool) -> nn.Module:
         if bias is not None:
             plain.bias.copy_(bias)
     return plain
+
+
+def _int8(layer: nn.Module) -> nn.Module:
+    """The weight-only int8 form of a plain fp32 layer from ``_plain``."""
+    weight = layer.weight.detach()
+    if isinstance(layer, nn.Embedding):
+        return Int8Embedding(weight)
+    return Int8Linear(weight, layer.bias, layer if isinstance(layer, nn.Conv2d) else None)
 
 
 def _transposed(layer: nn.Module) -> bool:
@@ -176,23 +281,37 @@ def run_model(run: Path) -> tuple[Config, nn.Module]:
     return config, model.eval()
 
 
-def export_run(run: Path, format: str = "onnx", output: Path | None = None) -> ExportResult:
-    """Write the run's model as ``format``; check it reproduces the PyTorch model."""
+def export_run(run: Path, format: str = "onnx", output: Path | None = None,
+               pruning: Pruning | None = None) -> ExportResult:
+    """Write the run's model as ``format`` (with ``pruning``: pruned, xz-compressed); check it reproduces the
+    PyTorch model; measure its accuracy on the held-out split, or after a fine-tune on the half it never saw."""
     if format not in FORMATS:
         raise ExportError(f"--format {format!r}: one of {', '.join(FORMATS)}")
+    if pruning is not None and format == "peft":
+        raise ExportError("--prune: prunes the merged model; use --format onnx or torch")
     config, model = run_model(run)
     _, test = load_dataset(config)
     inputs = test.inputs_of(slice(None, CHECKED_IMAGES))
-    path = output or run / FORMATS[format]
     if format == "peft":
-        return export_peft(config, model, inputs, path)
-    return export_graph(model, inputs, format, path, int8=config.model.quantize == "int8")
+        return export_peft(config, model, inputs, output or run / FORMATS[format])
+    finetune, evaluation = None, test
+    if pruning is not None and pruning.finetune_rounds:
+        if not isinstance(test, Split):
+            raise ExportError(f"--finetune-rounds: fine-tuning takes image classifiers; this run's held-out "
+                              f"split is a {type(test).__name__}")
+        finetune, evaluation = seeded_halves(test, pruning.seed)
+    path = output or run / (FORMATS[format] + (COMPRESSED if pruning is not None else ""))
+    merged = merged_model(model, config.model.quantize == "int8", pruning, finetune)
+    result = export_graph(model, inputs, format, path, merged=merged, compress=pruning is not None)
+    return dataclasses.replace(result, accuracy=evaluate(merged, evaluation)["accuracy"],
+                               evaluated=len(evaluation))
 
 
 def export_graph(model: nn.Module, inputs: torch.Tensor | Mapping[str, torch.Tensor], format: str, path: Path,
-                 int8: bool) -> ExportResult:
-    """Write ``model`` merged as ONNX or a torch.export program; check it on ``inputs`` (images or tokens)."""
-    merged = merged_model(model, int8)
+                 int8: bool = True, merged: nn.Module | None = None, compress: bool = False) -> ExportResult:
+    """Write ``model`` merged (or ``merged``, its merged form) as ONNX or a torch.export program, xz-compressed
+    if ``compress``; check the file as written on ``inputs`` (images or tokens)."""
+    merged = merged_model(model, int8) if merged is None else merged
     with torch.no_grad():
         federated, expected = model(inputs).numpy(), merged(inputs).numpy()
     graph, names, tensors, dynamic = _graph_inputs(merged, inputs)
@@ -211,18 +330,29 @@ def export_graph(model: nn.Module, inputs: torch.Tensor | Mapping[str, torch.Ten
             path.unlink(missing_ok=True)
             raise ExportError(f"{_kind(model)}: ONNX cannot express its traced program ({_first_line(error)}); "
                               "use --format torch") from error
-        got = _run_onnx(path, dict(zip(names, tensors)))
     else:
-        torch.export.save(program, str(path))
-        with torch.no_grad():
-            got = torch.export.load(str(path)).module()(*tensors).numpy()
+        buffer = io.BytesIO()  # torch.export wants a path ending in .pt2, or a buffer
+        torch.export.save(program, buffer)
+        path.write_bytes(buffer.getvalue())
+    if compress:
+        path.write_bytes(lzma.compress(path.read_bytes(), preset=9))
+    # Checked as a device loads it: from the file on disk, decompressed if it was compressed.
+    loaded = load_model_bytes(path)
+    got = run_onnx(loaded, dict(zip(names, tensors))) if format == "onnx" else run_program(loaded, tensors)
     difference = float(np.abs(got - expected).max())
     if not difference <= TOLERANCE:
         path.unlink(missing_ok=True)
         raise ExportError(f"the {format} model's outputs differ from PyTorch's by {difference:.2e} "
                           f"(more than {TOLERANCE:.0e}); nothing was written")
     agreement = float((federated.argmax(-1) == expected.argmax(-1)).mean())
-    return ExportResult(path, format, path.stat().st_size, difference, len(federated), agreement)
+    return ExportResult(path, format, path.stat().st_size, difference, len(federated), agreement,
+                        sparsity=weight_sparsity(merged), loaded_bytes=len(loaded) if compress else None)
+
+
+def load_model_bytes(path: Path) -> bytes:
+    """An exported file's model, decompressed if it is a pruned (``.xz``) export."""
+    data = path.read_bytes()
+    return lzma.decompress(data) if data.startswith(b"\xfd7zXZ\x00") else data
 
 
 TOKENS = ("input_ids", "attention_mask")  # a text model's inputs, in the exported graph's order
@@ -261,11 +391,20 @@ def _first_line(error: Exception) -> str:
     return f"{type(error).__name__}: {lines[0][:200] if lines else ''}"
 
 
-def _run_onnx(path: Path, feeds: dict[str, torch.Tensor]) -> np.ndarray:
+def run_onnx(model: bytes, feeds: Mapping[str, torch.Tensor], threads: int = 0) -> np.ndarray:
+    """An ONNX model's logits on ONNX Runtime's CPU provider (``threads`` 0: its own choice)."""
     import onnxruntime
 
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = threads
+    session = onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     return session.run(["logits"], {name: tensor.numpy() for name, tensor in feeds.items()})[0]
+
+
+def run_program(program: bytes, tensors: list[torch.Tensor]) -> np.ndarray:
+    """A saved torch.export program's logits."""
+    with torch.no_grad():
+        return torch.export.load(io.BytesIO(program)).module()(*tensors).numpy()
 
 
 def peft_base(name: str, num_classes: int) -> nn.Module:

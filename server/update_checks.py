@@ -42,7 +42,7 @@ from flwr.common import log
 
 from pollen.config import Config
 from pollen.data import partitions
-from pollen.server.checkpoint import ServerState, _pickled
+from pollen.server.checkpoint import ServerState, pickled
 
 MIN_FOR_MEDIAN = 3  # updates a round needs before its median judges any of them
 
@@ -169,7 +169,7 @@ class StepGuard:
         self.refused: str | None = None
 
     def __enter__(self) -> StepGuard:
-        self._strategy = _pickled(self.state.strategy)
+        self._strategy = pickled(self.state.strategy)
         momentum = self.state.momentum
         self._velocity = None if momentum is None else dict(momentum.velocity)  # apply() replaces, never mutates
         return self

@@ -140,6 +140,9 @@ def test_registered_devices_train_while_outsiders_and_oversize_requests_are_refu
         assert all(r.uplink_bytes > 0 and r.downlink_bytes > 0 for r in records[1:])
         assert status["network-traffic"]["total-bytes"] > 0
         assert run.checkpoint.is_file() and (run.logs / SUPERLINK_LOG).is_file() and (run.logs / PROXY_LOG).is_file()
+        # The ServerApp learnt which key each node is, and the devices the class count of the server's data.
+        assert json.loads(run.devices.read_text()) == {str(node): key.name for key, node in deployment.node_ids.items()}
+        assert config.data.num_classes == 0 and run.read_config().data.num_classes == 10
         # The intruder never became a node: the SuperLink turned its key away and it gave up.
         assert intruder.popen.wait(timeout=WAIT) != 0
         assert "Failed to activate SuperNode" in intruder.tail(400)
@@ -377,3 +380,66 @@ def test_a_superlink_whose_port_was_taken_after_the_check_is_reported_with_its_r
     message = str(failed.value)
     assert "the SuperLink exited with code" in message and "address already in use" in message
     assert "\n" not in message and deployment.node_ids == {}
+
+
+def test_devices_json_names_each_registered_node_by_its_key_and_follows_changes(tmp_path, monkeypatch):
+    from pollen.certs import add_devices, revoke_devices
+
+    certs = make_certificates(tmp_path / "certs", ["localhost", "127.0.0.1"], devices=2)
+    deployment = Deployment(load_config(TINY), tmp_path / "run", certs.folder)
+    deployment.folder.mkdir()
+    issued = iter([101, 102, 300])
+    monkeypatch.setattr(deployment, "register", lambda key, deadline: next(issued))
+    monkeypatch.setattr(deployment, "flwr", lambda args, deadline: {"success": True})  # the unregister call
+    devices = RunFolder(deployment.folder).devices
+    deployment.sync_devices()  # as start() registers them
+    assert json.loads(devices.read_text()) == {"101": "device-0", "102": "device-1"}
+    revoke_devices(certs.folder, ["device-1"])
+    add_devices(certs.folder, 1)
+    deployment.sync_devices()
+    assert json.loads(devices.read_text()) == {"101": "device-0", "300": "device-2"}
+
+
+def test_the_server_app_names_a_deployments_nodes_by_their_device_keys(tmp_path, monkeypatch):
+    from flwr.app import Context, RecordDict
+
+    from pollen.config import run_config_of
+    from pollen.run_folder import FOLDER_ENV
+    from pollen.server import app
+
+    run = RunFolder(tmp_path / "run")
+    run.path.mkdir()
+    run.devices.write_text(json.dumps({"101": "device-0", "300": "device-2"}))
+    monkeypatch.setenv(FOLDER_ENV, str(run.path))
+    seen = {}
+    monkeypatch.setattr(app, "run_federation", lambda grid, config, folder, **kwargs: seen.update(kwargs))
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                      run_config=run_config_of(load_config(TINY)))
+    app.main(None, context)
+    clients = seen["clients"]
+    assert (clients.name(101), clients.name(300), clients.name(7)) == ("device-0", "device-2", "node 7")
+    run.devices.unlink()  # a simulation's ServerApp under `flwr run`: no device keys, ids as they are
+    app.main(None, context)
+    assert seen["clients"].name(101) == "node 101"
+
+
+def test_the_submitted_run_carries_the_class_count_devices_cannot_count(tmp_path, monkeypatch):
+    import tomllib
+
+    from flwr.common.config import flatten_dict
+
+    from pollen.config import config_from_run_config
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "server.npz", images=rng.random((400, 8, 8)), labels=np.arange(400) % 5)
+
+    def submitted(*overrides: str) -> int:
+        config = load_config(TINY, [f"data.dataset={tmp_path / 'server.npz'}", *overrides])
+        deployment = Deployment(config, tmp_path / "run", None)
+        monkeypatch.setattr(deployment, "flwr", lambda args, deadline: {"success": True, "run-id": 5})
+        assert deployment.submit() == 5 and deployment.config == config
+        project = tomllib.loads((deployment.folder / "app" / "pyproject.toml").read_text())
+        return config_from_run_config(flatten_dict(project["tool"]["flwr"]["app"]["config"])).data.num_classes
+
+    assert submitted() == 5  # counted from the server's labels
+    assert submitted("data.num_classes=12") == 12  # set: kept as it is

@@ -52,8 +52,10 @@ def test_server_needs_certificates_or_an_explicit_insecure(tmp_path, capsys):
     assert "not a run folder" in exit_message(capsys, ["server", "--resume", str(tmp_path), "--insecure"])
 
 
-def test_export_names_a_folder_that_is_not_a_run(tmp_path, capsys):
+def test_export_and_distill_name_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert "no config.yaml" in exit_message(capsys, ["export", str(tmp_path)])
+    message = exit_message(capsys, ["distill", str(tmp_path)])
+    assert message.startswith("pollen distill: ") and "no config.yaml" in message and message.count("\n") == 1
 
 
 def test_client_becomes_an_offline_supernode_without_importing_the_server(tmp_path):
@@ -247,7 +249,8 @@ def test_with_debug_the_error_is_raised_instead_of_printed(tmp_path):
 
     (tmp_path / "config.yaml").write_text("seed: 0\n")
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
-    args = argparse.Namespace(command="export", run=str(tmp_path), format="onnx", output=None, debug=True)
+    args = argparse.Namespace(command="export", run=str(tmp_path), format="onnx", output=None, prune=None,
+                              finetune_rounds=0, debug=True)
     with pytest.raises(CheckpointError, match="unreadable checkpoint"):
         deploy_cli.run(argparse.ArgumentParser(), args)
     args.debug = False

@@ -53,3 +53,22 @@ def test_bad_settings_and_folders_are_named(run, tmp_path):
         distill_run(tmp_path)
     with pytest.raises(DistillError, match="--student nope"):
         distill_run(run, student="nope", epochs=1)
+
+
+def test_the_distill_command_trains_a_student_and_says_bad_input_in_one_line(run, capsys):
+    from pollen.cli import main
+
+    assert main(["distill", str(run), "--student", "tiny-cnn", "--epochs", "2", "--temperature", "2",
+                 "--image-size", "12"]) == 0
+    assert "student tiny-cnn: accuracy" in capsys.readouterr().out
+    saved = json.loads((run / "student" / "distill.json").read_text())
+    assert (saved["epochs"], saved["temperature"]) == (2, 2.0)
+    assert load_student(run)(torch.randn(2, 3, 12, 12)).shape == (2, 10)  # the student's own input size
+    for args, message in ((["--student", "nope"], "--student nope"), (["--epochs", "0"], "must be positive"),
+                          (["--image-size", "0"], "--image-size 0: must be positive"),
+                          (["--data", str(run / "missing.npz")], "missing.npz")):
+        with pytest.raises(SystemExit) as exit:
+            main(["distill", str(run), "--epochs", "1", *args])
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and err.startswith("pollen distill: ") and message in err
+        assert err.count("\n") == 1

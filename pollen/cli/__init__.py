@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     tune.add_argument("--output", help="study folder; the same folder again carries the study on "
                       "(default: the config's output_dir/<timestamp>)")
     add_run_options(tune)
-    deploy_cli.add_commands(commands)  # certs, server, client, export: real devices
+    deploy_cli.add_commands(commands)  # certs, server, client, export, distill: real devices and their models
     args = parser.parse_args(argv)
     try:
         if args.command in deploy_cli.COMMANDS:

@@ -1,7 +1,7 @@
-"""``pollen certs | server | client | export``: run a federation on real devices.
+"""``pollen certs | server | client | export | distill``: run a federation on real devices, and ship its model.
 
 Kept apart from ``pollen.cli`` so the simulation commands stay readable; the server,
-client and export code is imported inside each command (``pollen`` imports none of
+client, export and distillation code is imported inside each command (``pollen`` imports none of
 those packages at module level).
 
 Every failure these commands expect (bad input, a busy port, a process that died, a
@@ -20,7 +20,7 @@ from pathlib import Path
 from pollen.config import ConfigError, load_config
 from pollen.flower_processes import FlowerError
 
-COMMANDS = ("certs", "server", "client", "export")
+COMMANDS = ("certs", "server", "client", "export", "distill")
 LOCAL_NAMES = ["localhost", "127.0.0.1"]  # the server's own `flwr` calls reach the SuperLink here
 
 
@@ -79,13 +79,30 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     export.add_argument("--format", choices=("onnx", "torch", "peft"), default="onnx",
                         help="onnx or torch: the merged model; peft: adapters and head as a peft adapter folder")
     export.add_argument("--output", help="file or (peft) folder to write "
-                                         "(default: RUN/model.onnx, RUN/model.pt2 or RUN/peft-adapter)")
+                                         "(default: RUN/model.onnx, RUN/model.pt2 or RUN/peft-adapter; "
+                                         "pruned: RUN/model.onnx.xz or RUN/model.pt2.xz)")
+    export.add_argument("--prune", type=float, metavar="S",
+                        help="set the smallest share S in [0, 1) of each layer's weights to zero; the file is "
+                             "written xz-compressed (the zeros shrink the download, not the model in memory)")
+    export.add_argument("--finetune-rounds", type=int, default=0, metavar="N",
+                        help="with --prune: fine-tune N epochs on a seeded half of the held-out split; accuracy "
+                             "is then measured on the other half")
+
+    distill = commands.add_parser("distill", help="train a small student on a run's soft labels, for the edge")
+    distill.add_argument("run", help="run folder holding checkpoint.pt and config.yaml")
+    distill.add_argument("--student", default="tiny-cnn",
+                         help="the student's model.name: a built-in or a module:function factory (default tiny-cnn)")
+    distill.add_argument("--data", help="the server's own images to learn from (labels ignored; default: a seeded "
+                                        "half of the run's held-out split, the other half measures)")
+    distill.add_argument("--epochs", type=int, default=30, help="epochs over the transfer data (default 30)")
+    distill.add_argument("--temperature", type=float, default=4.0, help="softmax temperature (default 4)")
+    distill.add_argument("--image-size", type=int, help="the student's input size (default: the run's)")
 
 
 def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         return {"certs": certs_command, "server": server_command, "client": client_command,
-                "export": export_command}[args.command](args)
+                "export": export_command, "distill": distill_command}[args.command](args)
     # Every bad-input error of these commands is a ValueError; OSError: a file that cannot be
     # read or written; FlowerError: a deployment that could not start or run.
     except (ValueError, OSError, FlowerError) as error:
@@ -248,9 +265,25 @@ def client_command(args: argparse.Namespace) -> int:
 
 
 def export_command(args: argparse.Namespace) -> int:
-    from pollen.server.export import export_run
+    from pollen.server.export import ExportError, Pruning, export_run
 
-    result = export_run(Path(args.run), args.format, Path(args.output) if args.output else None)
+    if args.prune is None and args.finetune_rounds:
+        raise ExportError("--finetune-rounds: fine-tunes a pruned model; give --prune S as well")
+    pruning = None if args.prune is None else Pruning(args.prune, args.finetune_rounds)
+    result = export_run(Path(args.run), args.format, Path(args.output) if args.output else None, pruning)
     print(f"wrote {result.path} ({result.bytes / 1e6:.2f} MB, {result.format}); outputs match the "
           f"PyTorch model within {result.max_difference:.2e} on {result.checked} test images")
+    if pruning is not None:
+        print(f"pruned to sparsity {result.sparsity:.3f}, xz-compressed ({result.loaded_bytes / 1e6:.2f} MB "
+              f"once decompressed); accuracy {result.accuracy:.4f} on {result.evaluated} held-out images"
+              + (f" not used by the {pruning.finetune_rounds}-epoch fine-tune" if pruning.finetune_rounds else ""))
+    return 0
+
+
+def distill_command(args: argparse.Namespace) -> int:
+    from pollen.server.distill import distill_run
+
+    result = distill_run(Path(args.run), args.student, args.data, args.epochs, args.temperature,
+                         image_size=args.image_size)
+    print(result.summary())
     return 0
