@@ -1,16 +1,20 @@
-"""Benchmark the default federation: compressed vs dense uplink vs centralized training.
+"""Benchmark the default federation: compressed vs dense both ways vs centralized training.
 
-    python benchmarks/default_run.py [--parts ...] [--set key=value ...] > default_run.json
+    python benchmarks/default_run.py [--config PATH] [--parts ...] [--set key=value ...] > default_run.json
 
-Runs, in one process and on the same partitions and seeds (``--parts`` picks some):
+Runs the default configuration, or the YAML file ``--config`` names (e.g.
+``simulations/configs/text.yaml``), in one process and on the same partitions and seeds
+(``--parts`` picks some):
   compressed               the default run (top-k codec, compressed downlink),
   dense                    the same run with dense fp32 both ways,
   compressed_plain_fedavg  the default run with Flower's FedAvg as the strategy,
   centralized              a fine-tune of the same model and trainable parts on all
                            training data for the same number of sample passes (the
                            bound the federation approaches),
-and prints one JSON object with accuracies, wall times, bytes on the wire, ratios and
-the resident bytes of the model with an fp32 and an int8 base. Each part is also
+and prints one JSON object with accuracies, wall times, bytes on the wire each way and
+both ways (the round trip), ratios and the resident bytes of the model with an fp32
+and an int8 base. ``round_trip_ratio_vs_dense`` is the dense run's bytes both ways
+over the compressed run's, both measured in this run. Each part is also
 printed to stderr as it finishes.
 """
 
@@ -33,6 +37,7 @@ from pollen.data import load_dataset, num_classes
 from pollen.metrics import evaluate
 from pollen.models import build_model, resident_bytes
 from pollen.run_folder import RunFolder
+from pollen.simulations.report import round_trip_ratio
 from pollen.simulations.run import simulate
 
 
@@ -44,6 +49,7 @@ def federated(config, label: str) -> dict:
     rounds = records[1:]
     up = sum(r.uplink_bytes for r in rounds)
     dense = sum(r.dense_uplink_bytes for r in rounds)
+    down = sum(r.downlink_bytes for r in rounds)
     return {
         "label": label,
         "final_accuracy": records[-1].accuracy,
@@ -57,7 +63,11 @@ def federated(config, label: str) -> dict:
         "dense_uplink_bytes_per_round": dense / len(rounds),
         "uplink_ratio_vs_dense_fp32": dense / up,
         "uplink_bytes_last_round": rounds[-1].uplink_bytes,
-        "downlink_bytes_per_round": sum(r.downlink_bytes for r in rounds) / len(rounds),
+        "downlink_bytes_per_round": down / len(rounds),
+        "round_trip_bytes_per_round": (up + down) / len(rounds),
+        # against the same updates' dense fp32 arrays once up and once down, in this run
+        "round_trip_ratio_vs_dense_fp32": round_trip_ratio(rounds),
+        "downlink_bytes_by_round": [r.downlink_bytes for r in rounds],
     }
 
 
@@ -85,6 +95,7 @@ def centralized(config, learning_rates: list[float]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", metavar="PATH", help="a YAML config file (default: the built-in defaults)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--parts", nargs="*", default=["compressed", "dense", "compressed_plain_fedavg",
                                                         "centralized"],
@@ -95,10 +106,11 @@ def main() -> None:
                         help="torch threads (1 when other jobs share the cores)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    config = load_config(None, args.overrides)
+    config = load_config(args.config, args.overrides)
     logging.getLogger("flwr").setLevel(logging.ERROR)
     compressed_label = (f"topk density={config.codec.density} bits={config.codec.bits}, "
-                        f"{config.federation.strategy}")
+                        f"{config.federation.strategy}, downlink {config.downlink.name} "
+                        f"density={config.downlink.density} bits={config.downlink.bits}")
     parts = {
         "compressed": lambda: federated(config, compressed_label),
         "dense": lambda: federated(
@@ -123,6 +135,11 @@ def main() -> None:
             100 * (result["dense"]["final_accuracy"] - result["compressed"]["final_accuracy"]), 2)
         result["last_3_rounds_gap_points"] = round(100 * (
             result["dense"]["last_3_rounds_mean_accuracy"] - result["compressed"]["last_3_rounds_mean_accuracy"]), 2)
+        # the dense run's own bytes both ways over the compressed run's
+        result["round_trip_ratio_vs_dense"] = (result["dense"]["round_trip_bytes_per_round"]
+                                               / result["compressed"]["round_trip_bytes_per_round"])
+        result["downlink_ratio_vs_dense"] = (result["dense"]["downlink_bytes_per_round"]
+                                             / result["compressed"]["downlink_bytes_per_round"])
     fp32_model = build_model(dataclasses.replace(config.model, quantize="none"), num_classes(config.data))
     int8_model = build_model(config.model, num_classes(config.data))
     result["resident_model_bytes"] = {"fp32": resident_bytes(fp32_model), "int8_base": resident_bytes(int8_model),

@@ -1,8 +1,9 @@
 """The client's copy of the global trainable arrays, kept in ``Context.state``.
 
 With downlink compression the server sends only what a client lacks (see
-``pollen/downlink.py``); the client rebuilds the global arrays from its copy and
-keeps the result for next time. Without it, every message carries the dense arrays.
+``pollen/downlink.py``); the client rebuilds the global arrays from its copy, or from
+the initial arrays when the payload starts at version 0, and keeps the result for
+next time. Without it, every message carries the dense arrays.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from pollen.codec import CodecError, Identity, TopK, decode
-from pollen.downlink import PREFIX, DownlinkError, rebuild
+from pollen.downlink import PREFIX, DownlinkError, payload_base, rebuild
 
 
 class GlobalCopy:
@@ -42,7 +43,10 @@ class GlobalCopy:
                 return decode(record, layout, Identity())
             except CodecError as error:
                 raise DownlinkError(f"bad global arrays: {error}") from None
-        held, version = self.held()
+        if payload_base(config) == 0:  # the change since the initial arrays, whatever this copy holds
+            held, version = dict(self.initial()), 0
+        else:
+            held, version = self.held()
         arrays, version = rebuild(record, config, layout, self.step_codec, held, version)
         self.state[self.ARRAYS] = ArrayRecord({name: Array(np.ascontiguousarray(value, dtype=np.float32))
                                                for name, value in arrays.items()})

@@ -204,6 +204,7 @@ def encode(update: Mapping[str, np.ndarray], codec: Codec, seed: int = 0,
         raise CodecError("update contains NaN or infinity")
     offsets = _offsets(layout)
     indices = _select(_ranking(flat, layout, codec, gradient_rms), offsets, codec)
+    scales, codes, indices = _quantize_nonzero(flat, indices, offsets, codec, seed)
     dense = indices.size == flat.size
     flags = (_MODEL_SCOPE if codec.scope == "model" else 0) | (_DENSE if dense else 0)
     header = [MAGIC, bytes([VERSION, TOPK_ID, codec.bits, flags]), varint(len(layout)),
@@ -215,8 +216,6 @@ def encode(update: Mapping[str, np.ndarray], codec: Codec, seed: int = 0,
         unary, remainders = rice_encode(gaps, rice)
         header += [bytes([rice]), varint(len(unary))]
         streams += [unary, remainders]
-    starts = _group_starts(indices, offsets, codec)
-    scales, codes = _quantize(flat[indices], starts, codec, np.random.default_rng(seed))
     streams += [scales.astype("<u2").tobytes(), pack(codes, codec.bits)]
     blob = sealed(b"".join(header + streams))
     return ArrayRecord({"update": Array(dtype="uint8", shape=(len(blob),), stype=TOPK_STYPE,
@@ -317,6 +316,27 @@ def _group_starts(indices: np.ndarray, offsets: np.ndarray, codec: TopK) -> np.n
         if end > begin:
             starts.append(np.arange(begin, end, codec.block or end - begin, dtype=np.int64))
     return np.concatenate(starts)
+
+
+def _quantize_nonzero(flat: np.ndarray, indices: np.ndarray, offsets: np.ndarray, codec: TopK,
+                      seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(scales, codes, indices) without the entries whose value rounds to zero.
+
+    Such an entry would cost an index and a value and decode to nothing (error feedback
+    keeps it for later). With one scale per tensor or model, dropping it leaves every
+    scale as it was. With ``block`` > 0 it regroups the kept values, so quantization
+    repeats until none rounds to zero; stochastic rounding then keeps its zeros, as a
+    second draw over the survivors would bias it.
+    """
+    while True:
+        starts = _group_starts(indices, offsets, codec)
+        scales, codes = _quantize(flat[indices], starts, codec, np.random.default_rng(seed))
+        nonzero = codes != _max_level(codec.bits)
+        if codec.bits == 1 or nonzero.all() or (codec.block and codec.stochastic):
+            return scales, codes, indices
+        if not codec.block:
+            return scales, codes[nonzero], indices[nonzero]
+        indices = indices[nonzero]
 
 
 def _max_level(bits: int) -> int:

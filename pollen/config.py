@@ -247,7 +247,7 @@ class CodecConfig:
 class DownlinkConfig:
     """Server to client: how the global trainable arrays travel (see pollen.downlink)."""
 
-    name: str = "delta"  # delta: compressed steps since the client's version | identity: dense fp32
+    name: str = "delta"  # delta: the steps, or their sum, since the client's version | identity: dense fp32
     density: float = 1.0  # share of each tensor's global change per step; the rest waits on the server
     bits: int = 8  # bits per value of a step
 

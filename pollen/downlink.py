@@ -1,21 +1,27 @@
 """Downlink wire format: how the global trainable arrays reach a client.
 
 The server's global arrays move by one compressed *step* per round (see
-``server/broadcast.py``), so anyone holding version v can rebuild version t
-exactly from the steps v+1..t. A client gets either
+``server/broadcast.py``), so anyone holding version v can rebuild version t from
+the steps v+1..t. A client gets one of
 
-    chain   the steps it lacks, each a ``pollen.codec`` TopK payload ("step-<v>")
-    full    the whole arrays at 8 bits with a scale per block of 256 ("full"),
-            when the chain would cost more (or the server does not know its version)
+    chain   the steps it lacks, each a ``pollen.codec`` TopK payload ("step-<v>"):
+            exact, cheapest when it missed a step or two
+    sum     their sum as ONE payload ("sum"): the change since its version on the
+            union of the steps' supports, 8 bits with a scale per block of 256;
+            from version 0 it is the change since the initial arrays, so a first
+            contact (or a client whose version is unknown) costs what changed, not
+            the whole arrays
 
 and the train/evaluate ConfigRecord says which (``downlink.kind``) and from which
 version to which (``downlink.base``, ``downlink.version``); how the steps are coded
-is the run config's ``downlink`` section, which both sides hold. Every client starts at
-version 0, the initial arrays built from the run's seed; ``downlink.base-crc``
-lets it check that its version 0 is the server's.
+is the run config's ``downlink`` section, which both sides hold. Version 0 is the
+initial arrays built from the run's seed, which every client can rebuild at any time:
+a payload from base 0 is applied to them, whatever the client held before, and
+``downlink.base-crc`` lets it check that its version 0 is the server's.
 
-A full transfer is within half a quantization step of the global arrays; the
-offset it leaves is not compounded by later chains, which are exact.
+A sum is within half a quantization step of the change it carries, a small share of
+the arrays' own size (what the whole arrays at 8 bits would be off by); chains add no
+error of their own.
 """
 
 from __future__ import annotations
@@ -28,8 +34,9 @@ from flwr.app import Array, ArrayRecord
 
 from pollen.codec import CodecError, Layout, TopK, decode, encode
 
-FULL = TopK(density=1.0, bits=8, block=256)
+SUM = TopK(density=1.0, bits=8, block=256)  # top-k at density 1 keeps the nonzero entries only
 PREFIX = "downlink."
+KINDS = ("chain", "sum")
 
 
 class DownlinkError(ValueError):
@@ -49,57 +56,64 @@ def step_name(version: int) -> str:
     return f"step-{version}"
 
 
+def _entries(kind: str, base: int, version: int, base_crc: int | None) -> dict:
+    config = {f"{PREFIX}kind": kind, f"{PREFIX}base": base, f"{PREFIX}version": version}
+    if base == 0 and base_crc is not None:
+        config[f"{PREFIX}base-crc"] = base_crc
+    return config
+
+
 def chain_message(steps: Mapping[int, ArrayRecord], base: int, version: int,
                   base_crc: int | None = None) -> tuple[ArrayRecord, dict]:
     """(payload, config entries) carrying the steps ``base+1..version``."""
     record = ArrayRecord({step_name(v): steps[v]["update"] for v in range(base + 1, version + 1)})
-    config = {f"{PREFIX}kind": "chain", f"{PREFIX}base": base, f"{PREFIX}version": version}
-    if base_crc is not None:
-        config[f"{PREFIX}base-crc"] = base_crc
-    return record, config
+    return record, _entries("chain", base, version, base_crc)
 
 
-def full_message(arrays: Mapping[str, np.ndarray], version: int) -> tuple[ArrayRecord, dict]:
-    """(payload, config entries) carrying the whole arrays at 8 bits."""
-    record = ArrayRecord({"full": encode(arrays, FULL)["update"]})
-    return record, {f"{PREFIX}kind": "full", f"{PREFIX}version": version}
+def sum_message(change: Mapping[str, np.ndarray], base: int, version: int,
+                base_crc: int | None = None) -> tuple[ArrayRecord, dict]:
+    """(payload, config entries) carrying ``change`` = version's arrays - base's, as one payload."""
+    record = ArrayRecord({"sum": encode(change, SUM)["update"]})
+    return record, _entries("sum", base, version, base_crc)
 
 
 def rebuild(record: ArrayRecord, config: Mapping, layout: Layout, step_codec: TopK,
-            held: Mapping[str, np.ndarray] | None, held_version: int | None
-            ) -> tuple[dict[str, np.ndarray], int]:
+            held: Mapping[str, np.ndarray], held_version: int) -> tuple[dict[str, np.ndarray], int]:
     """The global arrays and their version, from a downlink payload and what the client holds.
 
     ``step_codec`` is how the server codes its steps (``downlink.*`` of the run config).
-    ``held`` is the client's copy at ``held_version`` (for version 0 it may be the
-    initial arrays). Raises ``DownlinkError`` when the payload does not fit them.
+    ``held`` is the client's copy at ``held_version``; for a payload from version 0
+    (see ``payload_base``) it must be the initial arrays. Raises ``DownlinkError``
+    when the payload does not fit them.
     """
     kind = config.get(f"{PREFIX}kind")
+    if kind not in KINDS:
+        raise DownlinkError(f"unknown downlink kind {kind!r}")
     version = _int(config, f"{PREFIX}version")
+    base = payload_base(config)
+    if held_version != base:
+        raise DownlinkError(f"server sent the change from version {base}, this client holds version {held_version}")
+    expected_crc = config.get(f"{PREFIX}base-crc")
+    if base == 0 and expected_crc is not None and expected_crc != arrays_crc(held):
+        raise DownlinkError("this client's initial arrays differ from the server's "
+                            "(different seed, model or library version?)")
+    if base > version:
+        raise DownlinkError(f"bad version range {base}..{version}")
+    names = [step_name(v) for v in range(base + 1, version + 1)] if kind == "chain" else ["sum"]
+    _expect_keys(record, names)
+    arrays = {name: np.array(value, dtype=np.float32) for name, value in held.items()}
     try:
-        if kind == "full":
-            _expect_keys(record, ["full"])
-            return decode(_blob(record["full"]), layout, FULL), version
-        if kind != "chain":
-            raise DownlinkError(f"unknown downlink kind {kind!r}")
-        base = _int(config, f"{PREFIX}base")
-        if held is None or held_version != base:
-            raise DownlinkError(f"server sent steps from version {base}, this client holds "
-                                f"{'nothing' if held is None else f'version {held_version}'}")
-        expected_crc = config.get(f"{PREFIX}base-crc")
-        if base == 0 and expected_crc is not None and expected_crc != arrays_crc(held):
-            raise DownlinkError("this client's initial arrays differ from the server's "
-                                "(different seed, model or library version?)")
-        if not 0 <= base <= version:
-            raise DownlinkError(f"bad version range {base}..{version}")
-        _expect_keys(record, [step_name(v) for v in range(base + 1, version + 1)])
-        arrays = {name: np.array(value, dtype=np.float32) for name, value in held.items()}
         for blob in record.values():
-            for tensor, step in decode(_blob(blob), layout, step_codec).items():
-                arrays[tensor] += step
-        return arrays, version
+            for tensor, change in decode(_blob(blob), layout, step_codec if kind == "chain" else SUM).items():
+                arrays[tensor] += change
     except CodecError as error:
         raise DownlinkError(f"bad downlink payload: {error}") from None
+    return arrays, version
+
+
+def payload_base(config: Mapping) -> int:
+    """The version a downlink payload starts from (0: the initial arrays)."""
+    return _int(config, f"{PREFIX}base")
 
 
 def _int(config: Mapping, key: str) -> int:

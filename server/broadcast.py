@@ -1,16 +1,20 @@
 """Broadcast: the server side of the downlink (wire format in ``pollen/downlink.py``).
 
 The global trainable arrays move by one compressed step per round: the arrays
-proposed by the strategy (and the server's optimizer step) minus the current ones, plus what earlier steps left out
-(server-side error feedback), encoded with the downlink codec. The global model
-is the sum of the decoded steps, so every client that holds version v rebuilds
-version t exactly from steps v+1..t, and nothing the strategy asked for is lost,
-only delayed.
+proposed by the strategy (and the server's optimizer step) minus the current ones,
+plus what earlier steps left out (server-side error feedback), encoded with the
+downlink codec. The global model is the sum of the decoded steps, so every client
+that holds version v rebuilds version t from steps v+1..t, and nothing the
+strategy asked for is lost, only delayed. The server's momentum velocity never
+travels: with ``downlink.density`` < 1 a step is the top share of (velocity-driven)
+change, whatever the velocity's own support.
 
-Each node is sent what it lacks: the chain of steps since the version it holds,
-or the whole arrays at 8 bits when that is cheaper or its version is unknown (its
-last message got no good reply). Steps too old to be worth chaining are dropped,
-so memory stays bounded however many rounds run.
+Each node is sent the cheapest of: the chain of steps since the version it holds,
+their sum as one payload (the union of the steps' supports), or the change since the
+initial arrays (version 0, which every client can rebuild; also what a node of unknown
+version gets, whose last message got no good reply). Steps are kept while they add up
+to less than the whole arrays at 8 bits, so memory stays bounded however many rounds
+run; a node further behind gets the change since version 0.
 
 Without a step codec (``downlink.name: identity``) every message carries the dense
 fp32 arrays and the global arrays are the proposed ones.
@@ -23,24 +27,32 @@ from collections.abc import Iterable
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
-from pollen.codec import TopK, decode, encode, layout_of, wire_bytes
-from pollen.downlink import arrays_crc, chain_message, full_message
+from pollen.codec import TopK, decode, decode_sparse, encode, layout_of, wire_bytes
+from pollen.downlink import SUM, arrays_crc, chain_message, sum_message
+
+Payload = tuple[ArrayRecord, dict, int]  # record, config entries, bytes on the wire
 
 
 class Broadcast:
     """``Broadcast(TopK(density=1.0), initial_arrays)``: versioned global arrays, sent compactly."""
+
+    SUM_SAVES = 0.1  # a sum, which is not exact, must save this share of the cheapest chain
+    KEEP_WHOLES = 4  # steps kept for sums from older versions, in whole arrays' worth of bytes
 
     def __init__(self, codec: TopK | None, initial: dict[str, np.ndarray]) -> None:
         self.codec = codec
         self.version = 0
         self.steps: dict[int, ArrayRecord] = {}  # version -> encoded step that produced it
         self._step_bytes: dict[int, int] = {}  # version -> that step's bytes on the wire
-        self._chains: dict[int, tuple[ArrayRecord, dict, int]] = {}  # base -> chain to self.version
+        self._payloads: dict[tuple[str, int], Payload] = {}  # (kind, base) -> payload to self.version
         self.node_versions: dict[int, int | None] = {}  # absent: version 0; None: unknown
         self._pending: dict[int, int] = {}  # node -> version sent, until it replies
-        self._residual = {name: np.zeros_like(value) for name, value in initial.items()}
+        self._initial = {name: np.array(value, dtype=np.float32) for name, value in initial.items()}
+        self._residual = {name: np.zeros_like(value) for name, value in self._initial.items()}
         self._base_crc = arrays_crc(initial)
-        self._full: tuple[int, ArrayRecord, dict, int] | None = None
+        # Steps kept: while they add up to less than a few times the whole arrays at 8 bits.
+        whole = wire_bytes(encode({n: np.ones_like(v) for n, v in self._initial.items()}, SUM))
+        self._keep_bytes = self.KEEP_WHOLES * whole
 
     def address(self, messages: Iterable[Message], arrays: ArrayRecord) -> list[Message]:
         """Replace the dense arrays in each outgoing message by what its node lacks."""
@@ -58,13 +70,20 @@ class Broadcast:
         return out
 
     def payload_for(self, node: int, arrays: ArrayRecord) -> tuple[ArrayRecord, dict]:
+        """What ``node`` lacks to hold ``arrays`` (the current global arrays).
+
+        A chain is exact and a sum is not, so a sum is sent only when it saves a real
+        share (``SUM_SAVES``) of the cheapest chain's bytes.
+        """
         base = self.node_versions.get(node, 0)
-        full = self._full_payload(arrays)
-        if base is not None and base in self._chainable():
-            record, entries, size = self._chain_from(base)
-            if size <= full[2]:
-                return record, entries
-        return full[0], full[1]
+        bases = [base] if base and base in self._kept_bases() else []  # the node's own first: kept on a tie
+        chains = [self._payload("chain", b, arrays) for b in bases + [0] if b in self._kept_bases()]
+        sums = [self._payload("sum", b, arrays) for b in bases + [0]]  # version 0: always rebuildable
+        best = min(sums, key=lambda payload: payload[2])
+        if chains:
+            chain = min(chains, key=lambda payload: payload[2])
+            best = best if best[2] < (1 - self.SUM_SAVES) * chain[2] else chain
+        return best[0], best[1]
 
     def replied(self, replies: Iterable[Message]) -> None:
         """Nodes that answered well now hold what they were sent; the others, who knows."""
@@ -78,8 +97,8 @@ class Broadcast:
     def forget_nodes(self) -> None:
         """After a restart in which every client lost its state (a new Flower run): all hold version 0.
 
-        Each node is then sent the chain from the initial arrays, or the whole arrays,
-        instead of steps on top of a copy it no longer has.
+        Each node is then sent the change since the initial arrays instead of steps on
+        top of a copy it no longer has.
         """
         self.node_versions.clear()
         self._pending.clear()
@@ -97,37 +116,48 @@ class Broadcast:
         self.version += 1
         self.steps[self.version] = payload
         self._step_bytes[self.version] = wire_bytes(payload)
-        self._chains.clear()  # every chain now ends one step later
+        self._payloads.clear()  # every payload now ends one step later
         self._forget_old_steps()
         return ArrayRecord({name: Array(np.ascontiguousarray(now[name] + sent[name], dtype=np.float32)) for name in now})
 
-    def _chainable(self) -> range:
-        """Versions a chain can start from: those whose later steps are all kept."""
+    def _kept_bases(self) -> range:
+        """Versions a chain or a sum can start from: 0 and those whose later steps are all kept."""
         oldest = min(self.steps, default=self.version + 1) - 1
         return range(oldest, self.version + 1)
 
-    def _chain_from(self, base: int) -> tuple[ArrayRecord, dict, int]:
-        """The chain base+1..version and its bytes, built once per base and version."""
-        if base not in self._chains:
-            record, entries = chain_message(self.steps, base, self.version,
-                                            self._base_crc if base == 0 else None)
-            self._chains[base] = (record, entries, wire_bytes(record))
-        return self._chains[base]
+    def _payload(self, kind: str, base: int, arrays: ArrayRecord) -> Payload:
+        """The chain or the sum from ``base`` to ``self.version``, built once per version."""
+        if (kind, base) not in self._payloads:
+            crc = self._base_crc if base == 0 else None
+            if kind == "chain":
+                record, entries = chain_message(self.steps, base, self.version, crc)
+            else:
+                record, entries = sum_message(self._change_since(base, arrays), base, self.version, crc)
+            self._payloads[kind, base] = (record, entries, wire_bytes(record))
+        return self._payloads[kind, base]
 
-    def _full_payload(self, arrays: ArrayRecord) -> tuple[ArrayRecord, dict, int]:
-        if self._full is None or self._full[0] != self.version:
-            record, entries = full_message({k: v.numpy() for k, v in arrays.items()}, self.version)
-            self._full = (self.version, record, entries, wire_bytes(record))
-        return self._full[1:]
+    def _change_since(self, base: int, arrays: ArrayRecord) -> dict[str, np.ndarray]:
+        """Version ``self.version``'s arrays minus version ``base``'s (zero where no step touched)."""
+        if base == 0:
+            return {name: arrays[name].numpy() - start for name, start in self._initial.items()}
+        layout = layout_of(self._initial)
+        flat = np.zeros(sum(value.size for value in self._initial.values()), np.float32)
+        for version in range(base + 1, self.version + 1):
+            indices, values = decode_sparse(self.steps[version], layout, self.codec)
+            flat[indices] += values  # a step's indices are distinct
+        out, start = {}, 0
+        for name, shape in layout.items():
+            size = int(np.prod(shape))
+            out[name] = flat[start:start + size].reshape(shape)
+            start += size
+        return out
 
     def _forget_old_steps(self) -> None:
-        """A chain longer than a full transfer is never sent: drop the steps only it would use."""
-        if self._full is None:
-            return
+        """Drop the oldest steps once the kept ones add up to more than ``KEEP_WHOLES`` whole arrays."""
         total = 0
         for version in sorted(self.steps, reverse=True):
             total += self._step_bytes[version]
-            if total > self._full[3]:
+            if total > self._keep_bytes:
                 self.steps = {v: s for v, s in self.steps.items() if v > version}
                 self._step_bytes = {v: n for v, n in self._step_bytes.items() if v > version}
                 return

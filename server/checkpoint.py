@@ -36,7 +36,7 @@ from pollen.config import Config, ConfigError, differences, from_dict, to_dict
 from pollen.server.broadcast import Broadcast
 from pollen.server.momentum import ServerMomentum
 
-FORMAT = 3  # 1: arrays and config only; 2: a wrapper strategy object (both not resumable)
+FORMAT = 4  # 1: arrays and config only; 2: a wrapper strategy object; 3: the broadcast's full-array kind (none resumable)
 
 
 class CheckpointError(ValueError):

@@ -34,11 +34,34 @@ def print_whole(console: Console, renderable: RenderableType) -> None:
         console.width = guessed
 
 
-COLUMNS = ("round", "acc", "loss", "F1", "train", "clients", "up KB", "down KB", "ratio", "s", "sim s")
+COLUMNS = ("round", "acc", "loss", "F1", "train", "clients", "up KB", "down KB", "ratio", "trip", "s", "sim s")
+
+
+def round_trip_ratio(records: list[RoundRecord]) -> float | None:
+    """Dense fp32 both ways over the bytes sent both ways (None: nothing came back).
+
+    The dense reference is each accepted update's dense fp32 arrays, once up and once
+    down; downlink bytes sent to clients whose replies did not count are still charged.
+    """
+    dense = 2 * sum(entry.dense_uplink_bytes for entry in records)
+    sent = sum(entry.uplink_bytes + entry.downlink_bytes for entry in records)
+    return dense / sent if dense and sent else None
+
+
+def traffic_summary(records: list[RoundRecord]) -> str:
+    """Both directions and the round trip of a run, as the last line of ``pollen simulate`` shows them."""
+    up = sum(entry.uplink_bytes for entry in records)
+    down = sum(entry.downlink_bytes for entry in records)
+    dense = sum(entry.dense_uplink_bytes for entry in records)
+    trip = round_trip_ratio(records)
+    return (f"uplink {up / 1e6:.2f} MB ({dense / max(up, 1):.0f}x smaller than dense fp32), "
+            f"downlink {down / 1e6:.2f} MB, round trip {(up + down) / 1e6:.2f} MB"
+            + ("" if trip is None else f" ({trip:.0f}x smaller than dense fp32 both ways)"))
 
 
 def round_table(records: list[RoundRecord], title: str = "Rounds") -> Table:
-    """Accuracy, loss and macro F1 on the held-out split; train = clients' mean loss."""
+    """Accuracy, loss and macro F1 on the held-out split; train = clients' mean loss;
+    ratio = the uplink's against dense fp32, trip = the round trip's (``round_trip_ratio``)."""
     table = Table(title=title)
     for column in COLUMNS:
         table.add_column(column, justify="right")
@@ -58,6 +81,7 @@ def round_row(entry: RoundRecord) -> list[str]:
         f"{entry.uplink_bytes / 1e3:.1f}",
         f"{entry.downlink_bytes / 1e3:.0f}",
         "-" if entry.compression is None else f"{entry.compression:.0f}x",
+        "-" if (trip := round_trip_ratio([entry])) is None else f"{trip:.0f}x",
         f"{entry.round_seconds:.1f}",
         "-" if entry.simulated_seconds is None else f"{entry.simulated_seconds:.0f}",
     ]

@@ -12,6 +12,7 @@ from pollen.codec import (
     Identity,
     TopK,
     decode,
+    decode_sparse,
     dense_wire_bytes,
     encode,
     layout_of,
@@ -401,3 +402,12 @@ def test_error_feedback_drops_a_residual_older_than_max_age():
     assert np.array_equal(feedback.add_residual(ones, server_round=8)["a"], np.ones(3))  # age 3: stale
     forever = ErrorFeedback(feedback.state, max_age=0)
     assert np.array_equal(forever.add_residual(ones, server_round=100)["a"], np.full(3, 2.0))
+
+
+@pytest.mark.parametrize("block", [0, 2])
+def test_entries_that_round_to_zero_cost_nothing(block):
+    update = {"w": np.array([1.0, 0.001, 0.5, -0.0002, 0.0, 0.25], np.float32)}
+    codec = TopK(density=1.0, block=block)  # keeps every nonzero entry
+    indices, values = decode_sparse(encode(update, codec), layout_of(update), codec)
+    assert indices.tolist() == [0, 2, 5]  # 0.001 and -0.0002 are below half a level: not sent
+    np.testing.assert_allclose(values, [1.0, 0.5, 0.25], atol=1 / 127)

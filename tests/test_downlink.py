@@ -7,7 +7,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from pollen.client.global_copy import GlobalCopy
 from pollen.codec import Identity, TopK, encode, wire_bytes
-from pollen.downlink import FULL, DownlinkError, arrays_crc, chain_message, full_message, rebuild
+from pollen.downlink import SUM, DownlinkError, arrays_crc, chain_message, rebuild, sum_message
 from pollen.server.broadcast import Broadcast
 from strategy_replies import pollen_round, pollen_state, sampling
 
@@ -50,24 +50,48 @@ def send(broadcast, nodes, arrays):
     return broadcast.address(messages, as_record(arrays))
 
 
+STEADY = {k: rng.random(v.shape) < 0.05 for k, v in INITIAL.items()}  # entries that keep changing
+
+
+def advanced(broadcast, current, rounds, density=0.05, steady=False):
+    """``rounds`` steps of random changes (on the same entries every time with ``steady``)."""
+    for _ in range(rounds):
+        arrays = {k: v.numpy() for k, v in current.items()}
+        proposed = ({k: (v + 0.01 * STEADY[k] * rng.normal(size=v.shape)).astype(np.float32)
+                     for k, v in arrays.items()} if steady else nudged(arrays, density=density))
+        current = broadcast.advance(current, as_record(proposed))
+    return current
+
+
+def numpy(record):
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def within_a_quantization_step(rebuilt, current, since):
+    """A sum is off by at most half an 8-bit level of the largest change it carries."""
+    for k in INITIAL:
+        change = current[k].numpy() - since[k]
+        assert np.abs(rebuilt[k] - current[k].numpy()).max() <= np.abs(change).max() / 127 + 1e-6
+
+
 def test_steps_rebuild_the_global_arrays_exactly_and_lose_nothing():
     broadcast = Broadcast(TopK(density=0.5, bits=4), INITIAL)
     current, proposed_total = as_record(INITIAL), {k: np.zeros_like(v) for k, v in INITIAL.items()}
     for _ in range(4):
-        proposed = nudged({k: v.numpy() for k, v in current.items()}, density=0.02)
+        proposed = nudged(numpy(current), density=0.02)
         for k in proposed:
             proposed_total[k] += proposed[k] - current[k].numpy()
         current = broadcast.advance(current, as_record(proposed))
-    (message,) = send(broadcast, [1], {k: v.numpy() for k, v in current.items()})
-    assert message.content["config"]["downlink.kind"] == "chain"
-    assert list(message.content["arrays"]) == ["step-1", "step-2", "step-3", "step-4"]
-    client = GlobalCopy(RecordDict(), lambda: INITIAL, broadcast.codec)
-    rebuilt = client.receive(message.content["arrays"], message.content["config"])
+    record, config = chain_message(broadcast.steps, 0, 4, arrays_crc(INITIAL))
+    assert list(record) == ["step-1", "step-2", "step-3", "step-4"]
+    rebuilt, version = rebuild(record, config, LAYOUT, broadcast.codec, INITIAL, 0)
+    assert version == 4
     for k in INITIAL:
         assert np.array_equal(rebuilt[k], current[k].numpy())
         # sent steps + what the server still holds back == everything the strategy proposed
         np.testing.assert_allclose(current[k].numpy() - INITIAL[k] + broadcast._residual[k],
                                    proposed_total[k], atol=1e-5)
+    (message,) = send(broadcast, [1], numpy(current))
     assert message.content["config"]["server-round"] == 1  # the round's settings still travel
 
 
@@ -76,8 +100,8 @@ def test_a_client_that_replied_gets_only_the_new_steps():
     client = GlobalCopy(RecordDict(), lambda: INITIAL, broadcast.codec)
     current = as_record(INITIAL)
     for round_ in range(3):
-        current = broadcast.advance(current, as_record(nudged({k: v.numpy() for k, v in current.items()})))
-        (message,) = send(broadcast, [1], {k: v.numpy() for k, v in current.items()})
+        current = advanced(broadcast, current, 1)
+        (message,) = send(broadcast, [1], numpy(current))
         assert list(message.content["arrays"]) == [f"step-{round_ + 1}"]
         rebuilt = client.receive(message.content["arrays"], message.content["config"])
         assert all(np.array_equal(rebuilt[k], current[k].numpy()) for k in INITIAL)
@@ -85,23 +109,53 @@ def test_a_client_that_replied_gets_only_the_new_steps():
     assert client.held()[1] == 3
 
 
-def test_unknown_or_far_behind_clients_get_the_full_arrays_at_8_bits():
+def test_a_returning_client_gets_the_steps_it_missed_as_one_sum():
     broadcast = Broadcast(TopK(density=1.0), INITIAL)
-    current = as_record(INITIAL)
-    (lost,) = send(broadcast, [2], INITIAL)
-    broadcast.replied([reply_to(lost, ok=False)])  # node 2: version unknown now
-    for _ in range(30):  # dense steps: a long chain costs more than the full arrays
-        current = broadcast.advance(current, as_record(nudged({k: v.numpy() for k, v in current.items()}, density=0.9)))
-    unknown, behind = send(broadcast, [2, 3], {k: v.numpy() for k, v in current.items()})
-    for message in (unknown, behind):
-        assert message.content["config"]["downlink.kind"] == "full"
-        rebuilt = GlobalCopy(RecordDict(), lambda: INITIAL, broadcast.codec).receive(
-            message.content["arrays"], message.content["config"])
-        for k in INITIAL:
-            step = np.abs(current[k].numpy()).max() / 127
-            assert np.abs(rebuilt[k] - current[k].numpy()).max() <= step
-    assert min(broadcast.steps) > 1  # steps no chain will use again are gone
-    assert wire_bytes(unknown.content["arrays"]) < wire_bytes(as_record(INITIAL)) / 3.5
+    client = GlobalCopy(RecordDict(), lambda: INITIAL, broadcast.codec)
+    current = advanced(broadcast, as_record(INITIAL), 1)
+    (first,) = send(broadcast, [1], numpy(current))
+    client.receive(first.content["arrays"], first.content["config"])
+    broadcast.replied([reply_to(first)])
+    held = client.held()[0]
+    current = advanced(broadcast, current, 6, steady=True)
+    (message,) = send(broadcast, [1], numpy(current))
+    config = message.content["config"]
+    assert (config["downlink.kind"], config["downlink.version"]) == ("sum", 7)
+    chain, _ = chain_message(broadcast.steps, 1, 7)
+    assert wire_bytes(message.content["arrays"]) < 0.9 * wire_bytes(chain)  # one header, one index stream
+    since = held if config["downlink.base"] == 1 else INITIAL
+    within_a_quantization_step(client.receive(message.content["arrays"], config), current, since)
+    assert client.held()[1] == 7
+
+
+def test_new_unknown_or_far_behind_clients_get_the_change_since_the_initial_arrays():
+    broadcast = Broadcast(TopK(density=1.0), INITIAL)
+    current = advanced(broadcast, as_record(INITIAL), 1)
+    clients = {node: GlobalCopy(RecordDict(), lambda: INITIAL, broadcast.codec) for node in (2, 3)}
+    for message in send(broadcast, [2, 3], numpy(current)):
+        clients[message.metadata.dst_node_id].receive(message.content["arrays"], message.content["config"])
+    lost, ok = send(broadcast, [2, 3], numpy(current))
+    broadcast.replied([reply_to(lost, ok=False), reply_to(ok)])  # node 2: version unknown now
+    current = advanced(broadcast, current, 40)  # dense-ish steps: far more than the whole arrays
+    assert min(broadcast.steps) > 2  # steps no payload will use again are gone
+    unknown, behind, new = send(broadcast, [2, 3, 4], numpy(current))
+    for message in (unknown, behind, new):
+        assert (message.content["config"]["downlink.kind"], message.content["config"]["downlink.base"]) == ("sum", 0)
+    for node, message in ((2, unknown), (3, behind)):
+        rebuilt = clients[node].receive(message.content["arrays"], message.content["config"])
+        within_a_quantization_step(rebuilt, current, INITIAL)
+    assert wire_bytes(new.content["arrays"]) < wire_bytes(as_record(INITIAL)) / 3.5
+
+
+def test_a_first_contact_costs_what_changed_not_the_whole_arrays():
+    broadcast = Broadcast(TopK(density=1.0), INITIAL)
+    current = advanced(broadcast, as_record(INITIAL), 3, density=0.02)
+    (message,) = send(broadcast, [5], numpy(current))
+    whole, _ = sum_message({k: v + 1 for k, v in INITIAL.items()}, 0, 3)  # every entry changed
+    assert wire_bytes(message.content["arrays"]) < wire_bytes(whole) / 3
+    rebuilt = GlobalCopy(RecordDict(), lambda: INITIAL, broadcast.codec).receive(
+        message.content["arrays"], message.content["config"])
+    within_a_quantization_step(rebuilt, current, INITIAL)
 
 
 def test_client_refuses_steps_that_do_not_fit_what_it_holds():
@@ -122,15 +176,19 @@ def test_client_refuses_steps_that_do_not_fit_what_it_holds():
         rebuild(record, {**config, "downlink.kind": "zip"}, LAYOUT, codec, INITIAL, 0)
     with pytest.raises(DownlinkError, match="downlink.version"):
         rebuild(record, {**config, "downlink.version": -1}, LAYOUT, codec, INITIAL, 0)
+    with pytest.raises(DownlinkError, match="bad version range"):
+        rebuild(record, {**config, "downlink.base": 2}, LAYOUT, codec, INITIAL, 2)
     assert np.array_equal(rebuild(record, config, LAYOUT, codec, INITIAL, 0)[0]["w"], current["w"].numpy())
 
 
-def test_full_message_round_trip():
-    record, config = full_message(INITIAL, 7)
-    arrays, version = rebuild(record, config, LAYOUT, TopK(density=1.0), None, None)
-    assert version == 7
-    np.testing.assert_allclose(arrays["w"], INITIAL["w"], atol=np.abs(INITIAL["w"]).max() / 127)
-    assert FULL.bits == 8
+def test_sum_message_round_trip():
+    change = nudged({k: np.zeros_like(v) for k, v in INITIAL.items()}, density=0.1)
+    record, config = sum_message(change, 2, 7)
+    arrays, version = rebuild(record, config, LAYOUT, TopK(density=0.01), INITIAL, 2)
+    assert version == 7 and list(record) == ["sum"]
+    for k in INITIAL:
+        np.testing.assert_allclose(arrays[k], INITIAL[k] + change[k], atol=np.abs(change[k]).max() / 127)
+    assert SUM.bits == 8 and SUM.density == 1.0
 
 
 def test_dense_global_arrays_are_checked_by_the_client():
@@ -161,12 +219,12 @@ def flipped(array: Array, bit: int) -> Array:
 
 
 @pytest.mark.parametrize("bit", [0, 45, 333, 2001, 9999])
-def test_a_flipped_bit_in_a_step_or_a_full_transfer_is_refused_by_its_crc(bit):
+def test_a_flipped_bit_in_a_step_or_a_sum_is_refused_by_its_crc(bit):
     broadcast = Broadcast(TopK(density=1.0), INITIAL)
     broadcast.advance(as_record(INITIAL), as_record(nudged(INITIAL)))
     chain, chain_config = chain_message(broadcast.steps, 0, 1, arrays_crc(INITIAL))
-    full, full_config = full_message(INITIAL, 1)
-    for record, config, key in ((chain, chain_config, "step-1"), (full, full_config, "full")):
+    summed, sum_config = sum_message(INITIAL, 0, 1, arrays_crc(INITIAL))
+    for record, config, key in ((chain, chain_config, "step-1"), (summed, sum_config, "sum")):
         bad = ArrayRecord({key: flipped(record[key], bit)})
         with pytest.raises(DownlinkError, match="bad downlink payload: .*(CRC-32|magic|version)"):
             rebuild(bad, config, LAYOUT, broadcast.codec, INITIAL, 0)

@@ -155,7 +155,7 @@ def simulate_command(config, folder, verbose: bool, threads: int | None = None, 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from pollen.run_folder import RunFolder
-    from pollen.simulations.report import print_whole, round_line, round_table
+    from pollen.simulations.report import print_whole, round_line, round_table, traffic_summary
     from pollen.simulations.run import simulate
 
     torch.set_num_threads(threads or os.cpu_count() or 1)
@@ -190,10 +190,7 @@ def simulate_command(config, folder, verbose: bool, threads: int | None = None, 
         return 130
     print_whole(console, round_table(records, title="Per-round results"))
     final = records[-1]
-    up = sum(r.uplink_bytes for r in records)
-    dense = sum(r.dense_uplink_bytes for r in records)
-    console.print(f"final accuracy {final.accuracy:.4f}, macro F1 {final.f1:.4f}, "
-                  f"uplink {up / 1e6:.2f} MB on the wire ({dense / max(up, 1):.0f}x smaller than dense fp32), "
+    console.print(f"final accuracy {final.accuracy:.4f}, macro F1 {final.f1:.4f}, {traffic_summary(records)}, "
                   f"{final.wall_seconds:.0f} s"
                   + ("" if final.simulated_seconds is None
                      else f", {final.simulated_seconds / 60:.1f} min of simulated device time"))
