@@ -29,3 +29,17 @@ def test_missing_config_file_is_reported(capsys):
     with pytest.raises(SystemExit):
         main(["simulate", "no/such/file.yaml"])
     assert "no/such/file.yaml" in capsys.readouterr().err
+
+
+def test_version_and_help_read_like_plain_text(capsys):
+    from importlib.metadata import version
+
+    from pollen.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.strip() == f"pollen {version('pollen')}"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "``" not in text and "simulate" in text and "tune" in text

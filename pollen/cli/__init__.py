@@ -12,14 +12,25 @@ import logging
 import os
 import sys
 
+from importlib.metadata import version
+
 from pollen.cli import deploy as deploy_cli
 from pollen.config import ConfigError, load_config
 from pollen.flower_processes import FlowerError
 
 
+DESCRIPTION = """Federated fine-tuning on Flower: simulate a federation on this machine, compare or tune
+its settings, or run it on real devices.
+
+A mistake (a bad config key or value, a file that is not YAML, a missing checkpoint, ...)
+ends as one line, "pollen: <what and where>", and exit code 2 (1 when Flower's processes
+failed); with --debug its traceback is shown instead."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pollen", description=__doc__,
+    parser = argparse.ArgumentParser(prog="pollen", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"pollen {version('pollen')}")
     parser.add_argument("--debug", action="store_true", help="show an error's traceback instead of one line")
     commands = parser.add_subparsers(dest="command", required=True)
     sim = commands.add_parser("simulate", help="run a simulated federation on this machine")
