@@ -26,6 +26,7 @@ from pollen.client.training import train_locally
 from pollen.config import from_dict, load_config, to_dict, with_overrides
 from pollen.data import load_dataset, num_classes, partitions
 from pollen.models import build_model, trainable_arrays
+from pollen.privacy import l2_norm
 from pollen.run_folder import RunFolder
 from pollen.simulations.run import simulate
 
@@ -40,7 +41,7 @@ def median_update_norm(config, clients: int = 5) -> float:
         before = trainable_arrays(model)
         train_locally(model, train.subset(shares[client]), config.train, seed=client)
         after = trainable_arrays(model)
-        norms.append(float(np.sqrt(sum(np.square(after[n] - before[n]).sum() for n in before))))
+        norms.append(l2_norm({n: after[n] - before[n] for n in before}))
     return float(np.median(norms))
 
 

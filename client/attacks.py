@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from pollen.config import Config
+from pollen.privacy import l2_norm
 
 CLAIMED_EXAMPLES = 10 ** 9  # the "weight" attacker's claim
 
@@ -52,7 +53,6 @@ def poisoned(update: dict[str, np.ndarray], kind: str, scale: float, seed: int) 
     if kind == "noise":
         rng = np.random.default_rng(seed)
         noise = {name: rng.standard_normal(value.shape) for name, value in update.items()}
-        norm = np.sqrt(sum(np.square(v, dtype=np.float64).sum() for v in update.values()))
-        noise_norm = np.sqrt(sum(np.square(v).sum() for v in noise.values())) or 1.0
+        norm, noise_norm = l2_norm(update), l2_norm(noise) or 1.0
         return {name: (noise[name] * norm / noise_norm).astype(value.dtype) for name, value in update.items()}
     return update  # label-flip and weight send what they trained

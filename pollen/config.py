@@ -479,15 +479,18 @@ def with_overrides(values: dict[str, Any], overrides: Mapping[str, Any]) -> dict
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
     """Read a YAML file (no file: the defaults above) and apply ``key=value`` overrides."""
-    values: Any = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        values = read_yaml(path) or {}
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
+    values = read_mapping(Path(path), "config file") if path is not None else {}
     return from_dict(with_overrides(values, dict(parse_override(text) for text in overrides)))
+
+
+def read_mapping(path: Path, what: str) -> dict[str, Any]:
+    """The YAML mapping in the file ``path`` (a run, compare or tune config, ``what`` it is); else a ConfigError."""
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    values = read_yaml(path) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return values
 
 
 def read_yaml(path: Path) -> Any:

@@ -183,7 +183,7 @@ def to_model_input(images: np.ndarray | list[np.ndarray], image_size: int) -> to
     (without N) of different sizes.
     """
     batches = [images] if isinstance(images, np.ndarray) else [image[None] for image in images]
-    x = torch.cat([_resized(_nchw(batch), image_size) for batch in batches])
+    x = torch.cat([resized(_nchw(batch), image_size) for batch in batches])
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     return ((x.expand(-1, 3, -1, -1) - mean) / std).contiguous()
@@ -194,7 +194,8 @@ def _nchw(images: np.ndarray) -> torch.Tensor:
     return x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
 
 
-def _resized(x: torch.Tensor, image_size: int) -> torch.Tensor:
+def resized(x: torch.Tensor, image_size: int) -> torch.Tensor:
+    """Images [N, C, H, W] at image_size x image_size (bilinear), as they are if already so."""
     if x.shape[-2:] == (image_size, image_size):
         return x
     return F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)

@@ -26,11 +26,16 @@ def privatized(update: dict[str, np.ndarray], settings: PrivacyConfig, seed: int
     """The update clipped to ``clip_norm`` in L2 over all its arrays, plus Gaussian noise; as is when off."""
     if settings.noise_multiplier <= 0:
         return update
-    norm = float(np.sqrt(sum(float(np.square(a, dtype=np.float64).sum()) for a in update.values())))
+    norm = l2_norm(update)
     scale = min(1.0, settings.clip_norm / norm) if norm > 0 else 1.0
     rng = np.random.default_rng(seed)
     std = settings.noise_multiplier * settings.clip_norm
     return {name: (a * scale + rng.normal(0.0, std, a.shape)).astype(a.dtype) for name, a in update.items()}
+
+
+def l2_norm(update: dict[str, np.ndarray]) -> float:
+    """The L2 norm of an update over all its arrays, summed in float64."""
+    return float(np.sqrt(sum(float(np.square(a, dtype=np.float64).sum()) for a in update.values())))
 
 
 def epsilon(settings: PrivacyConfig, federation: FederationConfig, rounds: int) -> float | None:

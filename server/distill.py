@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pollen.config import LoraSettings, ModelConfig
-from pollen.data import Split, load_dataset, num_classes, read_data, to_model_input
+from pollen.data import Split, load_dataset, num_classes, read_data, resized, to_model_input
 from pollen.metrics import evaluate
 from pollen.models import build_model, resident_bytes
 from pollen.server.export import ExportError, run_model, seeded_halves
@@ -87,7 +87,7 @@ def distill_run(run: Path, student: str = "tiny-cnn", data: str | None = None, e
         raise DistillError(f"--student {student}: {error}") from None
     with torch.no_grad():
         soft = F.softmax(_logits(teacher, transfer.images) / temperature, dim=1)
-    train_student(pupil, Split(_resized(transfer.images, size), transfer.labels, augment), soft, epochs,
+    train_student(pupil, Split(resized(transfer.images, size), transfer.labels, augment), soft, epochs,
                   temperature, lr, batch_size, seed)
     folder = run / STUDENT_FOLDER
     folder.mkdir(exist_ok=True)
@@ -96,7 +96,7 @@ def distill_run(run: Path, student: str = "tiny-cnn", data: str | None = None, e
     result = DistillResult(
         folder,
         teacher=_measured(teacher, evaluation, config.model.name),
-        student=_measured(pupil, Split(_resized(evaluation.images, size), evaluation.labels), student),
+        student=_measured(pupil, Split(resized(evaluation.images, size), evaluation.labels), student),
         transfer_examples=len(transfer), evaluation_examples=len(evaluation))
     (folder / "distill.json").write_text(json.dumps(
         {**dataclasses.asdict(result), "folder": str(folder), "temperature": temperature, "epochs": epochs,
@@ -148,12 +148,6 @@ def _server_data(held_out: Split, data: str | None, image_size: int, seed: int) 
 def _logits(model: nn.Module, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
     model.eval()
     return torch.cat([model(images[i:i + batch]) for i in range(0, len(images), batch)])
-
-
-def _resized(images: torch.Tensor, size: int) -> torch.Tensor:
-    if images.shape[-1] == size:
-        return images
-    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
 
 
 def _measured(model: nn.Module, split: Split, name: str) -> dict:

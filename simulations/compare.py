@@ -38,14 +38,13 @@ from rich import box  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from pollen.config import (Config, ConfigError, differences, from_dict, load_config, read_yaml,  # noqa: E402
+from pollen.config import (Config, ConfigError, differences, from_dict, load_config, read_mapping,  # noqa: E402
                            run_config_of, to_dict, with_overrides)
 from pollen.run_folder import RoundRecord, RunFolder  # noqa: E402
-from pollen.server.plot import codec_label, log_scale_if_wide  # noqa: E402
+from pollen.server.plot import codec_label, cumulative_mb, log_scale_if_wide  # noqa: E402
 from pollen.simulations.run import simulate  # noqa: E402
 from pollen.strategies import check_strategy  # noqa: E402
 
-MB = 1e6
 KEYS = ("run", "set", "seeds", "target_accuracy", "output_dir", "variants")
 FILES = ("table.txt", "summary.csv", "rounds.csv", "accuracy_by_round.png", "accuracy_by_mb.png", "report.html")
 
@@ -68,7 +67,7 @@ class RunResult:
 
     def cumulative_mb(self) -> list[float]:
         """Uplink + downlink MB on the wire up to and including each round."""
-        return list(np.cumsum([r.uplink_bytes + r.downlink_bytes for r in self.records]) / MB)
+        return cumulative_mb(self.records)
 
     def round_to_target(self, target: float) -> int | None:
         """The first round whose accuracy reaches ``target`` (None: never)."""
@@ -102,17 +101,11 @@ class CompareReport:
 def load_compare(path: str | Path) -> CompareConfig:
     """Read and check a compare config; every variant's run config and strategy are checked."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"compare config not found: {path}")
-    values = read_yaml(path) or {}
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
+    values = read_mapping(path, "compare config")
     unknown = sorted(set(values) - set(KEYS))
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown key (known: {', '.join(KEYS)})")
-    base_path = values.get("run")
-    base = load_config(path.parent / base_path if base_path else None)
-    base = overridden(base, values.get("set") or {}, "set")
+    base = base_run(path, values)
     defaults = CompareConfig(base, ())
     seeds = values.get("seeds", list(defaults.seeds))
     if not (isinstance(seeds, list) and seeds and all(type(s) is int for s in seeds)) or len(set(seeds)) != len(seeds):
@@ -133,6 +126,13 @@ def load_compare(path: str | Path) -> CompareConfig:
         built.append((str(label), config))
     return CompareConfig(base, tuple(built), tuple(seeds), float(target),
                          str(values.get("output_dir", defaults.output_dir)))
+
+
+def base_run(path: Path, values: Mapping[str, Any]) -> Config:
+    """The run config a compare or tune config at ``path`` builds on: its ``run`` file (relative
+    to ``path``; none: the built-in defaults) with its ``set`` overrides."""
+    base = load_config(path.parent / values["run"] if values.get("run") else None)
+    return overridden(base, values.get("set") or {}, "set")
 
 
 def overridden(config: Config, values: Mapping[str, Any], where: str) -> Config:

@@ -52,10 +52,10 @@ from rich import box  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from pollen.config import Config, ConfigError, load_config, read_yaml, save_config  # noqa: E402
+from pollen.config import Config, ConfigError, read_mapping, save_config  # noqa: E402
 from pollen.run_folder import RoundRecord, RunFolder  # noqa: E402
 from pollen.server.plot import log_scale_if_wide  # noqa: E402
-from pollen.simulations.compare import overridden  # noqa: E402
+from pollen.simulations.compare import base_run, overridden  # noqa: E402
 from pollen.simulations.run import simulate  # noqa: E402
 from pollen.strategies import check_strategy  # noqa: E402
 
@@ -106,16 +106,11 @@ class TuneConfig:
 def load_tune(path: str | Path) -> TuneConfig:
     """Read and check a tune config; every value a key may take is checked against the run config."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"tune config not found: {path}")
-    values = read_yaml(path) or {}
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
+    values = read_mapping(path, "tune config")
     unknown = sorted(set(values) - set(KEYS))
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown key of a tune config (known: {', '.join(KEYS)})")
-    base = load_config(path.parent / values["run"] if values.get("run") else None)
-    base = overridden(base, values.get("set") or {}, "set")
+    base = base_run(path, values)
     space = values.get("space")
     if not isinstance(space, dict) or not space:
         raise ConfigError("space: expected a mapping of run-config keys to {low, high[, log]} or {choices}")
