@@ -203,6 +203,8 @@ class FederationConfig:
         if not 0.0 <= self.server_decay <= 1.0:
             raise ConfigError(f"federation.server_decay: must be in [0, 1], got {self.server_decay}")
         if self.clients_per_round > self.num_clients:
+    # reject an update whose cosine with the rest of the round's directions is below this; -1 = off
+    min_cosine: float = 0.0
             raise ConfigError(
                 f"federation.clients_per_round: {self.clients_per_round} is more than "
                 f"federation.num_clients ({self.num_clients})"
@@ -212,6 +214,9 @@ class FederationConfig:
 @dataclass(frozen=True)
 class CodecConfig:
     """Uplink compression of client updates (see pollen.codec.TopK)."""
+        if not -1.0 <= self.min_cosine <= 1.0:
+            raise ConfigError(f"federation.min_cosine: must be in [-1, 1] (-1 turns the check off), "
+                              f"got {self.min_cosine}")
 
     name: str = "topk"  # topk | identity (dense fp32)
     density: float = 0.01  # share of each tensor's coordinates sent

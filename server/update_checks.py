@@ -18,7 +18,16 @@ Before aggregation, ``screen_updates`` looks at every decoded update of the roun
   sent would still take its (clipped) value unaveraged. Rejected, the round is what
   the honest clients alone make of it.
 
-The median rules need at least ``MIN_FOR_MEDIAN`` updates: of two, either may be the odd one.
+* The update must point the way the rest of the round does: its cosine with the sum
+  of the other updates' unit directions must be at least ``min_cosine`` (0: it may not
+  oppose them; -1 turns the check off). A sign-flipped update keeps an honest norm and
+  passes the norm check; against the others' directions it is negative. Unit
+  directions, so that no single update (an attacker's at 9x the median norm) sets
+  the reference the others are judged by; the most opposed update goes first and the
+  rest are judged again without it, so that attackers do not drag honest updates
+  below the bound with them.
+
+The round rules need at least ``MIN_FOR_MEDIAN`` updates: of two, either may be the odd one.
 
 After aggregation, ``StepGuard`` wraps the strategy, the server's optimizer step and
 the broadcast: if any of them raises, or the new global arrays are not finite or move
@@ -71,6 +80,7 @@ class UpdateChecks:
 
     max_norm_ratio: float
     max_update_norm: float
+    min_cosine: float
     max_examples: int
     max_weight_ratio: float
     max_step_ratio: float
@@ -79,7 +89,7 @@ class UpdateChecks:
     @classmethod
     def of(cls, config: Config, clients: KnownClients | None = None) -> UpdateChecks:
         fed = config.federation
-        return cls(fed.max_norm_ratio, fed.max_update_norm, fed.max_examples, fed.max_weight_ratio,
+        return cls(fed.max_norm_ratio, fed.max_update_norm, fed.min_cosine, fed.max_examples, fed.max_weight_ratio,
                    fed.max_step_ratio, clients or KnownClients())
 
 
@@ -90,6 +100,8 @@ class Update:
     node_id: int
     examples: int | float  # the claim: a positive integer (within float range: the uplink checks)
     norm: float  # L2 norm of the decoded delta (inf when it overflows float64)
+    # The delta as flat (indices, values); None: no direction to compare (the direction check skips it).
+    direction: tuple[np.ndarray, np.ndarray] | None = None
 
 
 @dataclass(frozen=True)
@@ -116,6 +128,14 @@ def screen_updates(updates: list[Update], checks: UpdateChecks) -> list[Verdict]
                 verdicts[i] = Verdict(None, f"update norm {updates[i].norm:.3g} is above {checks.max_norm_ratio:g} "
                                             f"x the round's median {median:.3g}")
         kept = [i for i in kept if verdicts[i].weight is not None]
+    while checks.min_cosine > -1 and len(kept) >= MIN_FOR_MEDIAN:  # the most opposed first, then judge again
+        cosines = zip(agreement([updates[i] for i in kept]), kept)
+        cosine, worst = min(((c, i) for c, i in cosines if c is not None), default=(1.0, None))
+        if cosine >= checks.min_cosine:
+            break
+        verdicts[worst] = Verdict(None, f"update direction opposes the round's: cosine {cosine:.2f} with the "
+                                        f"others is below federation.min_cosine {checks.min_cosine:g}")
+        kept.remove(worst)
     if checks.max_weight_ratio and len(kept) >= MIN_FOR_MEDIAN:
         median = statistics.median(float(verdicts[i].weight) for i in kept)
         bound = checks.max_weight_ratio * median
@@ -124,6 +144,27 @@ def screen_updates(updates: list[Update], checks: UpdateChecks) -> list[Verdict]
                 verdicts[i] = Verdict(bound, f"num-examples {verdicts[i].weight:g} clipped to {bound:g} "
                                              f"({checks.max_weight_ratio:g} x the round's median {median:g})")
     return verdicts
+
+
+def agreement(updates: list[Update]) -> list[float | None]:
+    """Each update's cosine with the sum of the other updates' unit directions (None: nothing to compare)."""
+    units = [(d[0], np.asarray(d[1], dtype=np.float64) / u.norm) if d is not None and u.norm > 0 else None
+             for u, d in ((u, u.direction) for u in updates)]
+    size = max((int(unit[0].max()) + 1 for unit in units if unit is not None and unit[0].size), default=0)
+    total = np.zeros(size)
+    for unit in units:
+        if unit is not None:
+            total[unit[0]] += unit[1]  # indices are unique within one update
+    total_sq = float(total @ total)
+    cosines = []
+    for unit in units:
+        if unit is None:
+            cosines.append(None)
+            continue
+        along = float(total[unit[0]] @ unit[1])  # <u, total>
+        others_sq = total_sq - 2 * along + 1.0  # |total - u|^2, u a unit vector
+        cosines.append((along - 1.0) / math.sqrt(others_sq) if others_sq > 1e-12 else None)
+    return cosines
 
 
 def check_claim(node_id: int, examples: int | float, checks: UpdateChecks) -> Verdict:

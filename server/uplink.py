@@ -84,14 +84,16 @@ def accept_replies(replies: Iterable[Message], global_arrays: ArrayRecord, codec
             metrics = _train_metrics(_single(reply.content.metric_records, "MetricRecord"))
             if sparse:
                 indices, values = decode_sparse(record, layout, codec)
-                arrays, norm = sparse_delta_record(indices, values), update_norm(values)
+                arrays, direction = sparse_delta_record(indices, values), (indices, values)
             else:
                 delta = decode(record, layout, codec)
-                arrays, norm = _local_arrays(current, delta), update_norm(_flat(delta))
+                flat = _flat(delta)
+                arrays, direction = _local_arrays(current, delta), (np.arange(flat.size), flat)
+            norm = update_norm(direction[1])
         except CodecError as error:
             traffic.reject(checks.clients.name(node), str(error), server_round)
             continue
-        decoded.append((reply, arrays, metrics, Update(node, metrics["num-examples"], norm)))
+        decoded.append((reply, arrays, metrics, Update(node, metrics["num-examples"], norm, direction)))
     verdicts = screen_updates([update for *_, update in decoded], checks)
     for (reply, arrays, metrics, update), verdict in zip(decoded, verdicts):
         name = checks.clients.name(update.node_id)

@@ -20,7 +20,7 @@ from pollen.strategies import make_strategy
 
 TINY = Path(__file__).resolve().parents[1] / "simulations" / "configs" / "tiny.yaml"
 # No bounds but the model's finiteness: the strategies' own rules, on deltas as large as the model.
-UNBOUNDED = UpdateChecks(max_norm_ratio=0.0, max_update_norm=0.0, max_examples=2**1023, max_weight_ratio=0.0,
+UNBOUNDED = UpdateChecks(max_norm_ratio=0.0, max_update_norm=0.0, min_cosine=-1.0, max_examples=2**1023, max_weight_ratio=0.0,
                          max_step_ratio=0.0)
 
 

@@ -37,8 +37,8 @@ def test_each_attack_sends_what_it_says():
     assert flipped_labels(torch.tensor([0, 3, 9]), 10).tolist() == [9, 6, 0]
 
 
-@pytest.mark.parametrize("kind", ["scale", "weight"])
-def test_the_default_checks_turn_away_scaled_and_overweight_attackers(tmp_path, kind):
+@pytest.mark.parametrize("kind", ["scale", "weight", "sign-flip"])
+def test_the_default_checks_turn_away_scaled_overweight_and_sign_flipping_attackers(tmp_path, kind):
     config = load_config(TINY, ["federation.rounds=2", "federation.num_clients=10", "federation.clients_per_round=10",
                                 "train.local_epochs=1", "data.test_size=200", "simulation.attack.fraction=0.2",
                                 f"simulation.attack.kind={kind}"])

@@ -39,9 +39,13 @@ def round_config(name: str, clients: int):
     return config_of(name, clients, STRATEGIES[name])
 
 
+# Honest clients of one round share the descent direction, each with noise of its own data.
+DESCENT = {k: np.random.default_rng(99).normal(size=v.shape) for k, v in GLOBAL.items()}
+
+
 def delta_of(seed: int, scale: float = 0.01) -> dict:
     rng = np.random.default_rng(seed)
-    return {k: (scale * rng.normal(size=v.shape)).astype(np.float32) for k, v in GLOBAL.items()}
+    return {k: (scale * (DESCENT[k] + rng.normal(size=v.shape))).astype(np.float32) for k, v in GLOBAL.items()}
 
 
 def blob_record(blob: bytes) -> ArrayRecord:

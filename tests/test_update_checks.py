@@ -12,8 +12,8 @@ from pollen.data import partitions
 from pollen.run_folder import RoundRecord
 from pollen.server.app import run_federation
 from pollen.server.momentum import ServerMomentum
-from pollen.server.update_checks import (KnownClients, StepGuard, Update, UpdateChecks, screen_updates,
-                                         simulated_clients)
+from pollen.server.update_checks import (KnownClients, StepGuard, Update, UpdateChecks, agreement,
+                                         screen_updates, simulated_clients)
 from pollen.server.uplink import RoundTraffic, accept_evaluations
 from pollen.simulations.report import round_line
 from strategy_replies import (TINY, UNBOUNDED, config_of, flower_round, metrics, numpy_of, pollen_round,
@@ -28,8 +28,12 @@ ROBUST = {"sparse-fedavg": {}, "fedavg": {}, "sparse-median": {"min_senders": 1}
 pytestmark = pytest.mark.usefixtures("task_identity")  # see conftest.py
 
 
+# Honest clients of one round share the descent direction, each with noise of its own data.
+DESCENT = {k: rng.normal(size=v.shape) for k, v in GLOBAL.items()}
+
+
 def honest_delta() -> dict:
-    return {k: (0.01 * rng.normal(size=v.shape)).astype(np.float32) for k, v in GLOBAL.items()}
+    return {k: (0.01 * (DESCENT[k] + rng.normal(size=v.shape))).astype(np.float32) for k, v in GLOBAL.items()}
 
 
 def default_checks(name: str = "sparse-fedavg", clients: int = 5, overrides=(), known: KnownClients | None = None):
@@ -81,6 +85,52 @@ def test_a_known_size_must_be_claimed_exactly_and_is_never_clipped():
 def test_a_claim_above_max_examples_is_rejected():
     verdict = screen_updates(updates([1.0], [10**300]), default_checks())[0]
     assert verdict.weight is None and verdict.reason == "num-examples 1e+300 is above federation.max_examples 1000000"
+
+
+def directed(vectors) -> list[Update]:
+    """Updates with flat dense directions (indices 0..n-1)."""
+    return [Update(i + 1, 10, float(np.linalg.norm(v)), (np.arange(len(v)), np.asarray(v, float)))
+            for i, v in enumerate(vectors)]
+
+
+def test_agreement_is_each_updates_cosine_with_the_sum_of_the_others_unit_directions():
+    ups = directed([[3.0, 0.0], [1.0, 1.0], [0.0, -2.0]])
+    # the first's others: (1, 1)/sqrt(2) + (0, -1), at 22.5 degrees; the second's: (1, -1), at 90
+    np.testing.assert_allclose(agreement(ups), [np.cos(np.pi / 8), 0.0, -np.sin(np.pi / 8)], atol=1e-12)
+    assert agreement(directed([[1.0, 0.0], [5.0, 0.0], [-1.0, 0.0]]))[1] is None  # its others cancel out
+    sparse = [Update(1, 10, 1.0, (np.array([3]), np.array([1.0]))), Update(2, 10, 2.0, (np.array([3]), np.array([2.0]))),
+              Update(3, 10, 1.0, None)]
+    assert agreement(sparse)[:2] == [1.0, 1.0] and agreement(sparse)[2] is None
+
+
+def test_an_update_that_opposes_the_round_is_rejected_and_minus_one_turns_the_check_off():
+    base = rng.normal(size=50)
+    vectors = [base + 0.3 * rng.normal(size=50) for _ in range(4)] + [-base]
+    verdicts = screen_updates(directed(vectors), default_checks())
+    assert [v.weight for v in verdicts] == [10, 10, 10, 10, None]
+    assert verdicts[4].reason.startswith("update direction opposes the round's: cosine -0.")
+    assert verdicts[4].reason.endswith("is below federation.min_cosine 0")
+    off = default_checks(overrides=["federation.min_cosine=-1"])
+    assert all(v.weight == 10 for v in screen_updates(directed(vectors), off))
+    assert all(v.weight == 10 for v in screen_updates(directed(vectors[3:]), default_checks()))  # two: no judge
+
+
+@pytest.mark.parametrize("seed", [1, 6])
+def test_attackers_that_drag_honest_updates_below_the_bound_go_first_and_the_honest_stay(seed):
+    r = np.random.default_rng(seed)
+    base = r.normal(size=200)
+    vectors = [base + 2.5 * r.normal(size=200) for _ in range(6)] + [-(base + 2.5 * r.normal(size=200))
+                                                                       for _ in range(3)]
+    assert min(agreement(directed(vectors))[:6]) < 0  # judged once, with the attackers, an honest one fails
+    assert [v.weight for v in screen_updates(directed(vectors), default_checks())] == [10] * 6 + [None] * 3
+
+
+@pytest.mark.parametrize("name", ["sparse-fedavg", "fedavg"])
+def test_a_sign_flipped_update_is_rejected_and_the_round_is_the_honest_clients_alone(name):
+    flipped = {k: -v for k, v in honest_delta().items()}
+    outcome, state, honest_only = hostile_round(name, [encode(flipped, CODEC)])
+    assert outcome.traffic.rejected == 1 and "direction opposes" in outcome.traffic.rejections[0]["reason"]
+    assert_same_arrays(state, honest_only)
 
 
 def test_a_simulation_knows_every_partitions_size_and_names_it():
@@ -307,6 +357,7 @@ def test_the_console_line_names_each_rejected_or_clipped_client_and_a_refused_st
     ("federation.max_update_norm", "-1"), ("federation.max_update_norm", ".inf"),
     ("federation.max_weight_ratio", "0.9"), ("federation.max_step_ratio", "-0.1"), ("federation.max_step_ratio", ".inf"),
     ("federation.max_examples", "0"), ("federation.server_learning_rate", ".inf"),
+    ("federation.min_cosine", "-1.5"), ("federation.min_cosine", ".nan"),
 ])
 def test_config_refuses_bounds_out_of_range(key, value):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -318,4 +369,4 @@ def test_config_bounds_can_be_turned_off_and_default_on():
     assert (config.federation.max_norm_ratio, config.federation.max_step_ratio) == (0.0, 0.0)
     defaults = load_config(None).federation
     assert (defaults.max_norm_ratio, defaults.max_weight_ratio, defaults.max_step_ratio) == (10.0, 10.0, 10.0)
-    assert defaults.max_examples == 1_000_000 and defaults.max_update_norm == 0.0
+    assert defaults.max_examples == 1_000_000 and defaults.max_update_norm == 0.0 and defaults.min_cosine == 0.0
