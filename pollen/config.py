@@ -30,6 +30,33 @@ class ConfigError(ValueError):
     """A configuration key or value is wrong; the message names the key."""
 
 
+class UnknownKeyError(ConfigError):
+    """A key no config has: ``key`` (dotted), the ``nearest`` known keys, the ``known`` names of its
+    section (said when none is near), and ``where`` it was written (a file, --set; "": not known)."""
+
+    def __init__(self, key: str, nearest: list[str], known: list[str], where: str = "") -> None:
+        self.key, self.nearest, self.known, self.where = key, nearest, known, where
+        section = key.rpartition(".")[0]
+        hint = (f"did you mean {' or '.join(nearest)}?" if nearest
+                else f"known{f' in {section}' if section else ''}: {', '.join(known)}")
+        super().__init__(f"{key}: unknown key{f' in {where}' if where else ''}; {hint}")
+
+    def written_in(self, where: str) -> UnknownKeyError:
+        return UnknownKeyError(self.key, self.nearest, self.known, where)
+
+
+def nearest_keys(prefix: str, name: str, siblings: Iterable[str]) -> list[str]:
+    """What a misspelt ``prefix + name`` most likely meant, best first, at most three: a key of its own
+    section spelt alike, else a key elsewhere of (almost) the same name (``rounds``: ``federation.rounds``)."""
+    import difflib
+
+    if alike := difflib.get_close_matches(name, list(siblings), n=3, cutoff=0.6):
+        return [prefix + key for key in alike]
+    everywhere = list(run_config_of(Config()))
+    names = difflib.get_close_matches(name, {key.rsplit(".", 1)[-1] for key in everywhere}, n=3, cutoff=0.8)
+    return [key for key in everywhere if key.rsplit(".", 1)[-1] in names][:3]
+
+
 @dataclass(frozen=True)
 class LoraSettings:
     """The ``model.lora`` section: peft's ``LoraConfig`` under its own names."""
@@ -175,6 +202,8 @@ class FederationConfig:
     # What the server accepts (pollen/server/update_checks.py); 0 turns a bound off.
     max_norm_ratio: float = 10.0  # reject an update whose L2 norm is above this times the round's median
     max_update_norm: float = 0.0  # reject an update whose L2 norm is above this
+    # reject an update whose cosine with the rest of the round's directions is below this; -1 = off
+    min_cosine: float = 0.0
     max_examples: int = 1_000_000  # reject a num-examples claim above this (a simulation knows the true sizes)
     max_weight_ratio: float = 10.0  # clip a claim of unknown size to this times the round's median claim
     max_step_ratio: float = 10.0  # refuse a round whose global step is longer than this times the model's norm
@@ -184,6 +213,9 @@ class FederationConfig:
         self.early_stopping.check()
         _bound("federation.max_norm_ratio", self.max_norm_ratio, 1.0)
         _bound("federation.max_update_norm", self.max_update_norm, 0.0)
+        if not -1.0 <= self.min_cosine <= 1.0:
+            raise ConfigError(f"federation.min_cosine: must be in [-1, 1] (-1 turns the check off), "
+                              f"got {self.min_cosine}")
         _at_least("federation.max_examples", self.max_examples, 1)
         _bound("federation.max_weight_ratio", self.max_weight_ratio, 1.0)
         _bound("federation.max_step_ratio", self.max_step_ratio, 0.0)
@@ -203,8 +235,6 @@ class FederationConfig:
         if not 0.0 <= self.server_decay <= 1.0:
             raise ConfigError(f"federation.server_decay: must be in [0, 1], got {self.server_decay}")
         if self.clients_per_round > self.num_clients:
-    # reject an update whose cosine with the rest of the round's directions is below this; -1 = off
-    min_cosine: float = 0.0
             raise ConfigError(
                 f"federation.clients_per_round: {self.clients_per_round} is more than "
                 f"federation.num_clients ({self.num_clients})"
@@ -214,9 +244,6 @@ class FederationConfig:
 @dataclass(frozen=True)
 class CodecConfig:
     """Uplink compression of client updates (see pollen.codec.TopK)."""
-        if not -1.0 <= self.min_cosine <= 1.0:
-            raise ConfigError(f"federation.min_cosine: must be in [-1, 1] (-1 turns the check off), "
-                              f"got {self.min_cosine}")
 
     name: str = "topk"  # topk | identity (dense fp32)
     density: float = 0.01  # share of each tensor's coordinates sent
@@ -358,6 +385,9 @@ class SimulationConfig:
 class Config:
     seed: int = 0
     output_dir: str = "runs"
+    # Also write each round's scalars as TensorBoard events into the run folder (the server
+    # only: pollen/tensorboard_log.py; needs the tensorboard extra).
+    tensorboard: bool = False
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -421,9 +451,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     kwargs = {}
     for key, value in values.items():
         if key not in known:
-            raise ConfigError(
-                f"{prefix}{key}: unknown key (known: {', '.join(sorted(known))})"
-            )
+            raise UnknownKeyError(prefix + str(key), nearest_keys(prefix, str(key), known), sorted(known))
         kind = known[key].type
         if kind == "StrategyParams":
             kwargs[key] = StrategyParams.from_mapping(value)
@@ -485,7 +513,14 @@ def with_overrides(values: dict[str, Any], overrides: Mapping[str, Any]) -> dict
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
     """Read a YAML file (no file: the defaults above) and apply ``key=value`` overrides."""
     values = read_mapping(Path(path), "config file") if path is not None else {}
-    return from_dict(with_overrides(values, dict(parse_override(text) for text in overrides)))
+    given = dict(parse_override(text) for text in overrides)
+    try:
+        return from_dict(with_overrides(values, given))
+    except UnknownKeyError as error:
+        from_set = any(f"{key}.".startswith(f"{error.key}.") or error.key.startswith(f"{key}.") for key in given)
+        if from_set or path is not None:
+            raise error.written_in("--set" if from_set else str(path)) from None
+        raise
 
 
 def read_mapping(path: Path, what: str) -> dict[str, Any]:

@@ -7,6 +7,7 @@ whichever started it:
 
     config.yaml         the run's whole config, readable by ``load_config``
     rounds.jsonl        one RoundRecord per round, appended and flushed as the run goes
+    events.out.tfevents.*  the same rounds as TensorBoard scalars (``tensorboard: true``)
     checkpoint.pt       everything needed to go on after the last finished round
     accuracy.png        accuracy by round, by MB on the wire (and by simulated time)
     classes.json        the final model's per-class precision, recall, F1, support, confusion matrix
@@ -88,6 +89,7 @@ class RunFolder:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self._tensorboard = None  # the TensorBoardLog that start_records opened, if asked
 
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"
@@ -162,14 +164,27 @@ class RunFolder:
         """The run's own config (with ``key=value`` overrides), as it was written."""
         return load_config(self.config_path, overrides)
 
-    def start_records(self, kept: list[RoundRecord] = ()) -> None:
-        """Begin ``rounds.jsonl`` afresh, holding only ``kept`` (the rounds a resumed run keeps)."""
+    def start_records(self, kept: list[RoundRecord] = (), tensorboard: bool = False) -> None:
+        """Begin ``rounds.jsonl`` afresh, holding only ``kept`` (the rounds a resumed run keeps);
+        with ``tensorboard``, the TensorBoard events too, until ``end_records``."""
         self.path.mkdir(parents=True, exist_ok=True)
         self.records_path.write_text("".join(_line(record) for record in kept))
+        if tensorboard:
+            from pollen.tensorboard_log import TensorBoardLog  # an optional extra, and it imports this module
+
+            self._tensorboard = TensorBoardLog(self.path, kept)
 
     def append(self, record: RoundRecord) -> None:
         with self.records_path.open("a") as handle:
             handle.write(_line(record))
+        if self._tensorboard is not None:
+            self._tensorboard.append(record)
+
+    def end_records(self) -> None:
+        """Close what ``start_records`` opened (the TensorBoard event file)."""
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
 
     def records(self) -> list[RoundRecord]:
         """Every round recorded so far; none if the run has not recorded one."""

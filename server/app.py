@@ -82,7 +82,7 @@ def run_federation(grid: Grid, config: Config, folder: RunFolder,
     _, test_split = load_dataset(config)  # the held-out split, or data.test_path
     state = resumed_state(config, folder, clients_kept_state) if resume else new_state(config)
     records = [r for r in folder.records() if r.round <= state.round] if resume else []
-    folder.start_records(records)
+    folder.start_records(records, tensorboard=config.tensorboard)
     codec = config.codec.build()
     checks = UpdateChecks.of(config, clients)
     started = time.perf_counter() - (records[-1].wall_seconds if records else 0.0)
@@ -120,6 +120,7 @@ def run_federation(grid: Grid, config: Config, folder: RunFolder,
         if records and records[-1].round == state.round:
             write_class_report(folder, model, state, test_split, num_classes(config.data))
     finally:
+        folder.end_records()
         if records:
             plot_run(records, folder.plot, label=run_label(config))
     return records

@@ -69,17 +69,21 @@ def save_checkpoint(path: Path, state: ServerState, config: Config) -> None:
     os.replace(partial, path)
 
 
+RESUMABLE_CHANGES = ("federation.rounds", "tensorboard")  # keys a resumed run may set anew
+
+
 def load_checkpoint(path: Path, config: Config | None = None) -> ServerState:
     """Read a checkpoint and restore the random generators it saved.
 
-    With ``config``, refuse one written by a differently configured run (only
-    ``federation.rounds`` may change: a resumed run may go on for longer).
+    With ``config``, refuse one written by a differently configured run. Only what
+    leaves the model alone may change: ``federation.rounds`` (a resumed run may go on
+    for longer) and ``tensorboard`` (events for the rounds kept and those to come).
     """
     saved = _read(path)
     if saved.get("format") != FORMAT:
         raise CheckpointError(f"{path}: written by an older version of Pollen; it cannot be resumed")
     if config is not None:
-        changed = [key for key in differences(config, _saved_config(path, saved)) if key != "federation.rounds"]
+        changed = [key for key in differences(config, _saved_config(path, saved)) if key not in RESUMABLE_CHANGES]
         if changed:
             raise CheckpointError(f"{path}: the run was configured differently "
                                   f"({', '.join(changed[:5])}); resume it with its own config.yaml")

@@ -33,14 +33,17 @@ it back with peft onto the run's own base.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import io
+import logging
 import lzma
 import math
 import os
 import sys
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +70,14 @@ PRUNABLE = (nn.Conv2d, nn.Linear, nn.Embedding)  # the layers whose weights --pr
 COMPRESSED = ".xz"  # a pruned export's suffix: its zeros only shrink a compressed file
 FINETUNE_LR = 1e-4  # small: the pruned model is already trained, the fine-tune only mends it
 FINETUNE_BATCH = 32
+
+
+# What the libraries say on every export that is no concern of the user's, by where it comes from and how
+# it begins; nothing else is silenced. torch.onnx skips torchvision's operators when torchvision is not
+# installed (no Pollen model uses them); torch.onnx copies a pytree LeafSpec that torch itself deprecates;
+# peft asks a transformers model for is_gradient_checkpointing, which transformers deprecates.
+KNOWN_LOG_LINES = {"torch.onnx._internal.exporter._registration": "torchvision is not installed. Skipping "}
+KNOWN_WARNINGS = (r"`isinstance\(treespec, LeafSpec\)` is deprecated", r"`is_gradient_checkpointing` is deprecated")
 
 
 class ExportError(ValueError):
@@ -323,9 +334,10 @@ def export_graph(model: nn.Module, inputs: torch.Tensor | Mapping[str, torch.Ten
     path.parent.mkdir(parents=True, exist_ok=True)
     if format == "onnx":
         try:
-            torch.onnx.export(program, (), str(path), input_names=names, output_names=["logits"], dynamo=True,
-                              external_data=False, verbose=False,
-                              optimize=False)  # constant folding would turn the int8 weights back into fp32
+            with known_notices_silenced():
+                torch.onnx.export(program, (), str(path), input_names=names, output_names=["logits"], dynamo=True,
+                                  external_data=False, verbose=False,
+                                  optimize=False)  # constant folding would turn the int8 weights back into fp32
         except Exception as error:  # the converter's errors have no common class either
             path.unlink(missing_ok=True)
             raise ExportError(f"{_kind(model)}: ONNX cannot express its traced program ({_first_line(error)}); "
@@ -378,6 +390,31 @@ def _graph_inputs(merged: nn.Module, inputs: torch.Tensor | Mapping[str, torch.T
         length = {0: batch, 1: torch.export.Dim.AUTO}
         return TokenInputs(merged), list(TOKENS), [inputs[name] for name in TOKENS], (length, length)
     return merged, ["images"], [inputs], ({0: batch},)
+
+
+class _DropLines(logging.Filter):
+    def __init__(self, start: str) -> None:
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.start)
+
+
+@contextlib.contextmanager
+def known_notices_silenced() -> Iterator[None]:
+    """While exporting: the libraries' known notices (``KNOWN_LOG_LINES``, ``KNOWN_WARNINGS``) unsaid."""
+    filters = [(logging.getLogger(name), _DropLines(start)) for name, start in KNOWN_LOG_LINES.items()]
+    for logger, drop in filters:
+        logger.addFilter(drop)
+    try:
+        with warnings.catch_warnings():
+            for message in KNOWN_WARNINGS:
+                warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+            yield
+    finally:
+        for logger, drop in filters:
+            logger.removeFilter(drop)
 
 
 def _kind(model: nn.Module) -> str:
@@ -443,14 +480,16 @@ def export_peft(config: Config, model: nn.Module, inputs: torch.Tensor | Mapping
         modules_to_save=[head.removeprefix(prefix)] if head else None,
         task_type=PEFT_TASKS.get(model.task) if hf else None,
     )
-    adapter = get_peft_model(_bare_base(model), settings)
+    with known_notices_silenced():
+        adapter = get_peft_model(_bare_base(model), settings)
     # Set after get_peft_model, which takes it from the model (a torch model has none).
     adapter.peft_config["default"].base_model_name_or_path = _base_source(config.model.name, model)
     _copy_trained(model, adapter, prefix)
     before = set(os.listdir(path)) if path.is_dir() else set()
     adapter.save_pretrained(str(path), save_embedding_layers=False)  # none is trained; skips a Hub look-up
     # Loaded back by peft onto the run's own base (head zeroed), it must compute what Pollen's model does.
-    loaded = PeftModel.from_pretrained(_bare_base(model), str(path)).eval()
+    with known_notices_silenced():
+        loaded = PeftModel.from_pretrained(_bare_base(model), str(path)).eval()
     check = HuggingFaceModel(loaded, model.task) if hf else loaded
     with torch.no_grad():
         federated, got = model(inputs).numpy(), check(inputs).numpy()

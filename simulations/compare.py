@@ -44,6 +44,7 @@ from pollen.run_folder import RoundRecord, RunFolder  # noqa: E402
 from pollen.server.plot import codec_label, cumulative_mb, log_scale_if_wide  # noqa: E402
 from pollen.simulations.run import simulate  # noqa: E402
 from pollen.strategies import check_strategy  # noqa: E402
+from pollen.tensorboard_log import require_tensorboard  # noqa: E402
 
 KEYS = ("run", "set", "seeds", "target_accuracy", "output_dir", "variants")
 FILES = ("table.txt", "summary.csv", "rounds.csv", "accuracy_by_round.png", "accuracy_by_mb.png", "report.html")
@@ -98,14 +99,18 @@ class CompareReport:
     files: tuple[str, ...] = FILES
 
 
-def load_compare(path: str | Path) -> CompareConfig:
-    """Read and check a compare config; every variant's run config and strategy are checked."""
+def load_compare(path: str | Path, overrides: Mapping[str, Any] | None = None) -> CompareConfig:
+    """Read and check a compare config; every variant's run config and strategy are checked.
+
+    ``overrides``: dotted run-config keys set in the base and every variant after the
+    file's own (``pollen compare --tensorboard`` sets ``tensorboard: true``).
+    """
     path = Path(path)
     values = read_mapping(path, "compare config")
     unknown = sorted(set(values) - set(KEYS))
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown key (known: {', '.join(KEYS)})")
-    base = base_run(path, values)
+    base = with_changes(base_run(path, values), overrides)
     defaults = CompareConfig(base, ())
     seeds = values.get("seeds", list(defaults.seeds))
     if not (isinstance(seeds, list) and seeds and all(type(s) is int for s in seeds)) or len(set(seeds)) != len(seeds):
@@ -117,12 +122,13 @@ def load_compare(path: str | Path) -> CompareConfig:
     if not isinstance(variants, dict) or not variants:
         raise ConfigError("variants: expected a mapping of names to run-config overrides")
     built = []
-    for label, overrides in variants.items():
-        config = overridden(base, overrides or {}, f"variants.{label}")
+    for label, changes in variants.items():
+        config = with_changes(overridden(base, changes or {}, f"variants.{label}"), overrides)
         try:
             check_strategy(config)
         except ConfigError as error:
             raise ConfigError(f"variants.{label}: {error}") from None
+        require_tensorboard(config)
         built.append((str(label), config))
     return CompareConfig(base, tuple(built), tuple(seeds), float(target),
                          str(values.get("output_dir", defaults.output_dir)))
@@ -133,6 +139,11 @@ def base_run(path: Path, values: Mapping[str, Any]) -> Config:
     to ``path``; none: the built-in defaults) with its ``set`` overrides."""
     base = load_config(path.parent / values["run"] if values.get("run") else None)
     return overridden(base, values.get("set") or {}, "set")
+
+
+def with_changes(config: Config, overrides: Mapping[str, Any] | None) -> Config:
+    """``config`` with the caller's ``overrides`` (none: as it is)."""
+    return overridden(config, overrides, "overrides") if overrides else config
 
 
 def overridden(config: Config, values: Mapping[str, Any], where: str) -> Config:

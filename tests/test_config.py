@@ -71,6 +71,30 @@ def test_bad_codec_downlink_and_train_settings_are_named(override, named):
         load_config(overrides=[override])
 
 
+@pytest.mark.parametrize("override, message", [
+    ("federation.roundz=3", "federation.roundz: unknown key in --set; did you mean federation.rounds?"),
+    ("rounds=3", "rounds: unknown key in --set; did you mean federation.rounds?"),  # in the wrong section
+    ("density=0.1", "density: unknown key in --set; did you mean codec.density or downlink.density?"),
+    ("model.lora.alpah=4", "model.lora.alpah: unknown key in --set; did you mean model.lora.alpha?"),
+    ("federation={round: 3}", "federation.round: unknown key in --set; did you mean federation.rounds?"),
+    ("train.zzz=1", "train.zzz: unknown key in --set; known in train: "),  # nothing near: the section's keys
+])
+def test_an_unknown_key_names_the_nearest_known_ones(override, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(overrides=[override])
+    assert str(error.value).startswith(message)
+    assert len(str(error.value)) < 400  # not the whole list of keys
+
+
+def test_an_unknown_key_in_a_file_names_the_file_and_in_flowers_run_config_only_the_key(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("federation:\n  round: 3\n")
+    with pytest.raises(ConfigError, match=f"^federation.round: unknown key in {path}; did you mean federation.rounds"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="^federation.round: unknown key; did you mean federation.rounds"):
+        config_from_run_config({"federation.round": 3})
+
+
 def test_sign_values_cannot_be_rounded_stochastically():
     with pytest.raises(ConfigError, match="codec.stochastic"):
         load_config(overrides=["codec.bits=1", "codec.stochastic=true"])

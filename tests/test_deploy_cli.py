@@ -21,6 +21,19 @@ from pollen.cli import main
 from pollen.flower_processes import free_port
 
 
+TINY = Path(__file__).resolve().parents[1] / "simulations" / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(autouse=True)
+def restore_threads(monkeypatch):
+    """`pollen server` sets the thread count of this process and of the Flower processes it starts."""
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)  # and put back as it was after the test
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def exit_message(capsys, argv: list[str]) -> str:
     with pytest.raises(SystemExit) as stop:
         main(argv)
@@ -58,8 +71,13 @@ def test_export_and_distill_name_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert message.startswith("pollen distill: ") and "no config.yaml" in message and message.count("\n") == 1
 
 
-def test_client_becomes_an_offline_supernode_without_importing_the_server(tmp_path):
+@pytest.mark.parametrize("options, threads, log_level", [
+    ([], None, "WARNING"),  # None: the rule's count for a model not known yet
+    (["--threads", "3", "-v"], "3", "INFO"),
+])
+def test_client_becomes_an_offline_supernode_without_importing_the_server(tmp_path, options, threads, log_level):
     from pollen.flower_processes import OFFLINE
+    from pollen.threads import default_threads
 
     data = tmp_path / "d.npz"
     np.savez(data, images=np.zeros((4, 8, 8), np.uint8), labels=np.arange(4))
@@ -72,15 +90,18 @@ def report(path, command, env):
     sys.exit(0)
 os.execvpe = report
 from pollen.cli import main
-main(["client", "--server", "127.0.0.1:1", "--insecure", "--data", {str(data)!r}])
+main(["client", "--server", "127.0.0.1:1", "--insecure", "--data", {str(data)!r}, *{options!r}])
 """
-    env = {k: v for k, v in os.environ.items() if k not in OFFLINE}
+    env = {k: v for k, v in os.environ.items() if k not in OFFLINE and k != "FLWR_LOG_LEVEL"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout.splitlines()[-1])
     assert report["server"] == []
     assert report["command"][0].endswith("flower-supernode") and "--insecure" in report["command"]
     assert {name: report["env"][name] for name in OFFLINE} == OFFLINE
+    threads = threads or str(default_threads(None))
+    assert report["env"]["OMP_NUM_THREADS"] == report["env"]["MKL_NUM_THREADS"] == threads
+    assert report["env"]["FLWR_LOG_LEVEL"] == log_level
 
 
 def test_server_resume_goes_on_in_the_run_folder_with_its_saved_config(tmp_path, monkeypatch):
@@ -129,6 +150,23 @@ def test_insecure_server_listens_on_127_0_0_1_unless_host_says_otherwise_and_war
     assert main(["server", "--insecure", "--host", "0.0.0.0", "--output", str(tmp_path / "b"), "--port", port]) == 1
     assert seen["deployment"].host == "0.0.0.0"
     assert "listening on 0.0.0.0: anyone who reaches it may join" in " ".join(capsys.readouterr().out.split())
+
+
+def test_server_takes_its_config_first_and_the_old_config_option_still(tmp_path, monkeypatch, capsys):
+    from pollen.config import load_config
+
+    seen = refused_deployment(monkeypatch)
+    port = str(free_port())
+    assert main(["server", str(TINY), "--insecure", "--output", str(tmp_path / "a"), "--port", port]) == 1
+    assert seen["deployment"].config == load_config(TINY)
+    assert "deprecated" not in capsys.readouterr().err
+    # The evaluation's process inherits the thread count: one for the tiny model.
+    assert os.environ["OMP_NUM_THREADS"] == "1" and torch.get_num_threads() == 1
+    assert main(["server", "--config", str(TINY), "--set", "federation.rounds=2", "--insecure",
+                 "--output", str(tmp_path / "b"), "--port", port]) == 1
+    assert seen["deployment"].config == load_config(TINY, ["federation.rounds=2"])
+    assert "--config is deprecated; give the config as the first argument" in capsys.readouterr().err
+    assert "give the config once" in exit_message(capsys, ["server", str(TINY), "--config", str(TINY), "--insecure"])
 
 
 def test_server_request_limits_come_from_flags_and_bad_ones_are_named(tmp_path, monkeypatch, capsys):
@@ -250,7 +288,7 @@ def test_with_debug_the_error_is_raised_instead_of_printed(tmp_path):
     (tmp_path / "config.yaml").write_text("seed: 0\n")
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
     args = argparse.Namespace(command="export", run=str(tmp_path), format="onnx", output=None, prune=None,
-                              finetune_rounds=0, debug=True)
+                              finetune_rounds=0, threads=None, verbose=False, debug=True)
     with pytest.raises(CheckpointError, match="unreadable checkpoint"):
         deploy_cli.run(argparse.ArgumentParser(), args)
     args.debug = False

@@ -22,8 +22,8 @@ def test_the_round_trip_counts_both_directions_against_dense_both_ways():
 def test_the_summary_and_each_row_show_both_directions_and_the_round_trip():
     records = [record(0, 0, 0, clients=0), record(1_000, 9_000, 100_000)]
     line = traffic_summary(records)
-    assert "uplink 0.00 MB (100x smaller than dense fp32)" in line
-    assert "downlink 0.01 MB" in line and "round trip 0.01 MB (20x smaller than dense fp32 both ways)" in line
+    assert "uplink 1.00 kB (100x smaller than dense fp32)" in line
+    assert "downlink 9.00 kB" in line and "round trip 10.0 kB (20x smaller than dense fp32 both ways)" in line
     row = dict(zip(COLUMNS, round_row(records[1])))
     assert (row["ratio"], row["trip"]) == ("100x", "20x")
     assert dict(zip(COLUMNS, round_row(records[0])))["trip"] == "-"

@@ -79,6 +79,16 @@ def test_every_float_key_refuses_nan():
             load_config(overrides=[f"{key}=.nan"])
 
 
+def test_an_unknown_key_suggests_the_nearest_and_says_where_it_was_written(tmp_path, capsys):
+    err = one_line_error(["simulate", TINY, "--set", "federation.round=3"], capsys)
+    assert err == "pollen: config error: federation.round: unknown key in --set; did you mean federation.rounds?\n"
+    path = tmp_path / "run.yaml"
+    path.write_text("federation:\n  rounds: 3\n  clients_per_rnd: 2\n")
+    err = one_line_error(["simulate", str(path)], capsys)
+    assert err == (f"pollen: config error: federation.clients_per_rnd: unknown key in {path}; "
+                   "did you mean federation.clients_per_round?\n")
+
+
 def test_pollen_errors_are_told_apart_from_bugs():
     from pollen.certs import CertificateError
     from pollen.data_files import DataError

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from pollen.cli.options import add_threads_option, add_verbose_option, use_threads
 from pollen.config import ConfigError, load_config
 from pollen.flower_processes import FlowerError
 
@@ -29,9 +30,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                                               "add, revoke devices; renew the server certificate")
     certs.add_argument("folder", help="where to write them (created; private keys are owner-only)")
     certs.add_argument("--server-name", action="append", default=[], metavar="HOST",
-                       help="a host name or IP address devices dial (repeatable; needed to create); "
-                            "localhost and 127.0.0.1 are always added")
-    certs.add_argument("--devices", type=int, default=3, help="device key pairs to create (default 3)")
+                       help="a host name or IP address devices dial (repeatable; needed to create; default with "
+                            "--renew-server: the current certificate's); localhost and 127.0.0.1 are always added")
+    certs.add_argument("--devices", type=int, default=3, metavar="N", help="device key pairs to create (default 3)")
     certs.add_argument("--force", action="store_true", help="replace existing files")
     change = certs.add_mutually_exclusive_group()
     change.add_argument("--revoke", action="append", default=[], metavar="device-N",
@@ -41,62 +42,84 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     change.add_argument("--renew-server", action="store_true",
                         help="re-issue server.pem/server.key from the existing CA (devices change nothing); "
                              "--server-name as when created, or kept from the current certificate")
+    add_verbose_option(certs)
 
     server = commands.add_parser("server", help="run the federation's server (Flower SuperLink + Pollen)")
-    server.add_argument("--config", help="YAML config (default: the built-in default run)")
+    server.add_argument("config", nargs="?", help="YAML config (default: the built-in default run)")
+    # The config was once an option here: still taken, not shown.
+    server.add_argument("--config", dest="config_option", metavar="CONFIG", help=argparse.SUPPRESS)
     server.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one key (repeatable)")
-    server.add_argument("--certs", help="folder from `pollen certs`: TLS and the device keys to admit")
+                        help="override one key (repeatable; default: none)")
+    server.add_argument("--certs", metavar="DIR", help="folder written by pollen certs: TLS and the device keys "
+                                                         "to admit (needed unless --insecure)")
     server.add_argument("--host", default=None,
                         help="address devices connect to (default: every address; 127.0.0.1 with --insecure)")
     server.add_argument("--port", type=int, default=None, help="port devices connect to (default 9093)")
-    server.add_argument("--max-request-bytes", type=int, default=None,
+    server.add_argument("--max-request-bytes", type=int, default=None, metavar="BYTES",
                         help="largest request a device may send (default: the model's dense update + 1 MiB)")
     # Defaults are pollen.server.fleet_proxy.RequestLimits' (not imported here: see the module docstring).
     server.add_argument("--rate-limit", type=float, default=None, metavar="PER_SECOND",
                         help="requests a second per device address (default 20)")
-    server.add_argument("--rate-burst", type=int, default=None,
+    server.add_argument("--rate-burst", type=int, default=None, metavar="N",
                         help="requests a device address may make at once (default 400)")
-    server.add_argument("--output", help="run folder (default: OUTPUT_DIR/<timestamp>)")
-    server.add_argument("--resume", metavar="RUN_DIR", help="go on from RUN_DIR's last checkpoint")
+    server.add_argument("--output", metavar="DIR", help="run folder (default: OUTPUT_DIR/<timestamp>)")
+    server.add_argument("--resume", metavar="RUN_DIR",
+                        help="go on from RUN_DIR's last checkpoint (default: a new run)")
     server.add_argument("--insecure", action="store_true",
                         help="plain HTTP and no device authentication (only on a trusted network)")
-    server.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
+    server.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                        help="give up after this many seconds (default: wait until the run ends)")
+    add_threads_option(server)  # the server's evaluation
+    add_verbose_option(server)
+    add_tensorboard_option(server)
 
     client = commands.add_parser("client", help="run a device: a Flower SuperNode training on local data")
-    client.add_argument("--server", required=True, help="HOST:PORT of the server")
-    client.add_argument("--ca", help="the federation's ca.pem")
-    client.add_argument("--key", help="this device's private key (devices/device-N.key)")
-    client.add_argument("--data", required=True,
+    client.add_argument("--server", required=True, metavar="HOST:PORT", help="the server's address")
+    client.add_argument("--ca", metavar="FILE", help="the federation's ca.pem (needed unless --insecure)")
+    client.add_argument("--key", metavar="FILE",
+                        help="this device's private key, devices/device-N.key (needed unless --insecure)")
+    client.add_argument("--data", required=True, metavar="PATH",
                         help="training data: a folder of class folders 0/, 1/, ... of images, or an .npz/.csv file")
-    client.add_argument("--local-port", type=int, default=None,
+    client.add_argument("--local-port", type=int, default=None, metavar="PORT",
                         help="port on 127.0.0.1 for the SuperNode's ClientApp (default 9094; "
                              "give each SuperNode on one machine its own)")
     client.add_argument("--insecure", action="store_true", help="plain HTTP (a server started with --insecure)")
+    add_threads_option(client)  # the model arrives with the run: without --threads, sized as a large one
+    add_verbose_option(client)
 
     export = commands.add_parser("export", help="write a run's fine-tuned model for on-device inference")
     export.add_argument("run", help="run folder holding checkpoint.pt and config.yaml")
     export.add_argument("--format", choices=("onnx", "torch", "peft"), default="onnx",
-                        help="onnx or torch: the merged model; peft: adapters and head as a peft adapter folder")
-    export.add_argument("--output", help="file or (peft) folder to write "
+                        help="onnx or torch: the merged model; peft: adapters and head as a peft adapter folder "
+                             "(default onnx)")
+    export.add_argument("--output", metavar="PATH", help="file or (peft) folder to write "
                                          "(default: RUN/model.onnx, RUN/model.pt2 or RUN/peft-adapter; "
                                          "pruned: RUN/model.onnx.xz or RUN/model.pt2.xz)")
     export.add_argument("--prune", type=float, metavar="S",
                         help="set the smallest share S in [0, 1) of each layer's weights to zero; the file is "
-                             "written xz-compressed (the zeros shrink the download, not the model in memory)")
+                             "written xz-compressed (the zeros shrink the download, not the model in memory; "
+                             "default: no pruning)")
     export.add_argument("--finetune-rounds", type=int, default=0, metavar="N",
                         help="with --prune: fine-tune N epochs on a seeded half of the held-out split; accuracy "
-                             "is then measured on the other half")
+                             "is then measured on the other half (default 0)")
+    add_threads_option(export)  # the fine-tune
+    add_verbose_option(export)
 
     distill = commands.add_parser("distill", help="train a small student on a run's soft labels, for the edge")
     distill.add_argument("run", help="run folder holding checkpoint.pt and config.yaml")
-    distill.add_argument("--student", default="tiny-cnn",
+    distill.add_argument("--student", default="tiny-cnn", metavar="NAME",
                          help="the student's model.name: a built-in or a module:function factory (default tiny-cnn)")
-    distill.add_argument("--data", help="the server's own images to learn from (labels ignored; default: a seeded "
-                                        "half of the run's held-out split, the other half measures)")
-    distill.add_argument("--epochs", type=int, default=30, help="epochs over the transfer data (default 30)")
-    distill.add_argument("--temperature", type=float, default=4.0, help="softmax temperature (default 4)")
-    distill.add_argument("--image-size", type=int, help="the student's input size (default: the run's)")
+    distill.add_argument("--data", metavar="PATH",
+                         help="the server's own images to learn from (labels ignored; default: a seeded "
+                              "half of the run's held-out split, the other half measures)")
+    distill.add_argument("--epochs", type=int, default=30, metavar="N",
+                         help="epochs over the transfer data (default 30)")
+    distill.add_argument("--temperature", type=float, default=4.0, metavar="T",
+                         help="softmax temperature (default 4)")
+    distill.add_argument("--image-size", type=int, metavar="PIXELS",
+                         help="the student's input size (default: the run's)")
+    add_threads_option(distill)
+    add_verbose_option(distill)
 
 
 def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -113,6 +136,17 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             print(f"{prefix}: {one_line(error)}", file=sys.stderr)
             return 1
         parser.exit(2, f"{prefix}: {one_line(error)}\n")
+
+
+def add_tensorboard_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--tensorboard", action="store_true",
+                         help="also write each round's scalars as TensorBoard events into the run folder "
+                              "(the key tensorboard: true; needs pip install 'pollen[tensorboard]')")
+
+
+def run_overrides(args: argparse.Namespace) -> list[str]:
+    """The command's ``--set`` overrides, with ``tensorboard=true`` for ``--tensorboard``."""
+    return [*args.overrides, *(["tensorboard=true"] if args.tensorboard else [])]
 
 
 def one_line(error: Exception) -> str:
@@ -179,16 +213,26 @@ def server_command(args: argparse.Namespace) -> int:
     from pollen.run_folder import RunFolder
     from pollen.server.deploy import DEFAULT_PORT, Deployment
     from pollen.server.fleet_proxy import RequestLimits
+    from pollen.simulations.report import byte_size
+    from pollen.tensorboard_log import require_tensorboard
+    from pollen.threads import thread_environment
 
     console = Console()
+    if args.config_option:
+        if args.config:
+            raise ConfigError(f"{args.config} and --config {args.config_option}: give the config once")
+        print("pollen server: --config is deprecated; give the config as the first argument", file=sys.stderr)
     if args.resume:
         run = RunFolder(args.resume)
         if not run.config_path.is_file():
             raise ConfigError(f"--resume {run}: no {RunFolder.CONFIG}, not a run folder")
-        config = run.read_config(args.overrides)
+        config = run.read_config(run_overrides(args))
     else:
-        config = load_config(args.config, args.overrides)
+        config = load_config(args.config or args.config_option, run_overrides(args))
         run = RunFolder(args.output) if args.output else RunFolder.new(config.output_dir)
+    # The evaluation runs in Flower's ServerApp process, which the SuperLink starts with this environment.
+    os.environ.update(thread_environment(use_threads(args.threads, config)))
+    require_tensorboard(config)
     if not args.insecure and not args.certs:
         raise ValueError("--certs DIR is required (create it with `pollen certs DIR --server-name HOST`), "
                          "or pass --insecure")
@@ -229,7 +273,7 @@ def server_command(args: argparse.Namespace) -> int:
                 records = run.records()
                 for entry in records[shown[0]:]:
                     console.print(f"round {entry.round}: accuracy {entry.accuracy:.4f}, {entry.clients} devices, "
-                                  f"up {entry.uplink_bytes} B, down {entry.downlink_bytes} B "
+                                  f"up {byte_size(entry.uplink_bytes)}, down {byte_size(entry.downlink_bytes)} "
                                   f"({time.monotonic() - started:.0f} s)")
                 shown[0] = len(records)
 
@@ -249,6 +293,7 @@ def client_command(args: argparse.Namespace) -> int:
     from pollen.client.device import DEFAULT_LOCAL_PORT, DeviceError, supernode_command
     from pollen.data_files import read_path
     from pollen.flower_processes import offline_env
+    from pollen.threads import default_threads, thread_environment
 
     if args.insecure:
         print("WARNING: --insecure: this device's updates travel unencrypted", file=sys.stderr)
@@ -258,15 +303,23 @@ def client_command(args: argparse.Namespace) -> int:
     split = read_path(args.data)
     command = supernode_command(args.server, Path(args.data), None if args.insecure else Path(args.ca),
                                 Path(args.key) if args.key else None, args.local_port or DEFAULT_LOCAL_PORT)
-    print(f"device: {len(split)} examples in {args.data}; connecting to {args.server}", flush=True)
+    print(f"device: {len(split)} examples in {args.data}; connecting to {args.server}"
+          + ("" if args.verbose else " (-v shows the SuperNode's log)"), flush=True)
+    # The SuperNode starts the ClientApp with this environment: its threads, and how much Flower logs.
+    env = {**offline_env(), **thread_environment(args.threads or default_threads(None))}
+    if args.verbose:
+        env["FLWR_LOG_LEVEL"] = "INFO"
+    else:
+        env.setdefault("FLWR_LOG_LEVEL", "WARNING")
     # Become the SuperNode: same PID, so whoever started `pollen client` can stop it.
-    os.execvpe(command[0], command, offline_env())
+    os.execvpe(command[0], command, env)
     return 0  # not reached
 
 
 def export_command(args: argparse.Namespace) -> int:
     from pollen.server.export import ExportError, Pruning, export_run
 
+    use_threads(args.threads, run_config(args.run))
     if args.prune is None and args.finetune_rounds:
         raise ExportError("--finetune-rounds: fine-tunes a pruned model; give --prune S as well")
     pruning = None if args.prune is None else Pruning(args.prune, args.finetune_rounds)
@@ -283,7 +336,16 @@ def export_command(args: argparse.Namespace) -> int:
 def distill_command(args: argparse.Namespace) -> int:
     from pollen.server.distill import distill_run
 
+    use_threads(args.threads, run_config(args.run))
     result = distill_run(Path(args.run), args.student, args.data, args.epochs, args.temperature,
                          image_size=args.image_size)
     print(result.summary())
     return 0
+
+
+def run_config(path: str):
+    """The Config a run folder holds, for its thread count; None where it has none (the command then says so)."""
+    from pollen.run_folder import RunFolder
+
+    folder = RunFolder(path)
+    return folder.read_config() if folder.config_path.is_file() else None
