@@ -37,7 +37,7 @@ from pollen.data import load_dataset, num_classes
 from pollen.metrics import evaluate
 from pollen.models import build_model, resident_bytes
 from pollen.run_folder import RunFolder
-from pollen.simulations.report import round_trip_ratio
+from pollen.run_folder import round_trip_ratio
 from pollen.simulations.run import simulate
 
 

@@ -74,6 +74,17 @@ class RoundRecord:
     epsilon: float | None = None  # privacy spent by each client so far, at privacy.delta (privacy.* set)
 
 
+def round_trip_ratio(records: list[RoundRecord]) -> float | None:
+    """Dense fp32 both ways over the bytes sent both ways (None: nothing came back).
+
+    The dense reference is each accepted update's dense fp32 arrays, once up and once
+    down; downlink bytes sent to clients whose replies did not count are still charged.
+    """
+    dense = 2 * sum(entry.dense_uplink_bytes for entry in records)
+    sent = sum(entry.uplink_bytes + entry.downlink_bytes for entry in records)
+    return dense / sent if dense and sent else None
+
+
 class RunFolder:
     """``RunFolder(path)``: the files of one run (see the module docstring)."""
 

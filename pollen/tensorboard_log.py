@@ -20,16 +20,10 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from pollen.config import Config, ConfigError
-from pollen.run_folder import RoundRecord
+from pollen.run_folder import RoundRecord, round_trip_ratio
 
 EXTRA = "pip install 'pollen[tensorboard]'"
 EVENT_FILES = "events.out.tfevents.*"  # SummaryWriter's file names
-
-
-def round_trip_ratio(record: RoundRecord) -> float | None:
-    """The round's dense fp32 both ways over its bytes sent both ways: the round table's ``trip``."""
-    sent = record.uplink_bytes + record.downlink_bytes
-    return 2 * record.dense_uplink_bytes / sent if record.dense_uplink_bytes and sent else None
 
 
 # Tag -> the record's value; the part before "/" is TensorBoard's panel.
@@ -40,7 +34,7 @@ SCALARS: dict[str, Callable[[RoundRecord], float | None]] = {
     "train/loss": lambda record: record.train_loss,
     "traffic/uplink_bytes": lambda record: record.uplink_bytes,
     "traffic/downlink_bytes": lambda record: record.downlink_bytes,
-    "traffic/round_trip_ratio": round_trip_ratio,
+    "traffic/round_trip_ratio": lambda record: round_trip_ratio([record]),
 }
 
 

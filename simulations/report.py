@@ -21,7 +21,7 @@ from rich.console import Console, RenderableType
 from rich.markup import escape
 from rich.table import Table
 
-from pollen.run_folder import RoundRecord
+from pollen.run_folder import RoundRecord, round_trip_ratio
 
 
 def time_to_accuracy(records: list[RoundRecord], target: float) -> float | None:
@@ -69,17 +69,6 @@ def metric_text(value: float) -> str:
     if not math.isfinite(value) or abs(value) >= 1e6:
         return f"{value:.0e}" if math.isfinite(value) else str(value)
     return f"{value:.{max(0, 5 - len(str(int(abs(value)))))}f}"
-
-
-def round_trip_ratio(records: list[RoundRecord]) -> float | None:
-    """Dense fp32 both ways over the bytes sent both ways (None: nothing came back).
-
-    The dense reference is each accepted update's dense fp32 arrays, once up and once
-    down; downlink bytes sent to clients whose replies did not count are still charged.
-    """
-    dense = 2 * sum(entry.dense_uplink_bytes for entry in records)
-    sent = sum(entry.uplink_bytes + entry.downlink_bytes for entry in records)
-    return dense / sent if dense and sent else None
 
 
 def traffic_summary(records: list[RoundRecord]) -> str:
@@ -182,15 +171,21 @@ def round_line(entry: RoundRecord, lines: RoundLines | None = None) -> str:
     lines = lines or RoundLines.fitting(80, entry.round, entry.clients + entry.rejected + entry.failed,
                                         clock=entry.simulated_seconds is not None)
     cells = dict(zip(COLUMNS, round_row(entry)))
+    row = aligned({name: cells[name] for name in lines.columns}, lines.widths)
+    notes = [wrapped(note, lines.width, first="  ", rest="    ") for note in round_notes(entry)]
+    return "\n".join([row, *(escape(note) for note in notes)])  # reasons are text, not rich markup
+
+
+def round_notes(entry: RoundRecord) -> list[str]:
+    """What the server turned away or decided in a round, a plain sentence each: every rejected or
+    clipped client with its reason, a refused step, early stopping."""
     notes = [f"rejected {item['client']}: {item['reason']}" for item in entry.rejected_updates]
     notes += [f"clipped {item['client']}: {item['reason']}" for item in entry.clipped_weights]
     if entry.step_refused:
         notes.append(f"step refused, the global model stays: {entry.step_refused}")
     if entry.early_stop:
         notes.append(f"early stopping: {entry.early_stop}")
-    row = aligned({name: cells[name] for name in lines.columns}, lines.widths)
-    notes = [wrapped(note, lines.width, first="  ", rest="    ") for note in notes]
-    return "\n".join([row, *(escape(note) for note in notes)])  # reasons are text, not rich markup
+    return notes
 
 
 def aligned(cells: Mapping[str, str], widths: Mapping[str, int]) -> str:

@@ -1,7 +1,7 @@
 """The round trip (uplink + downlink) against dense fp32 both ways, as a run reports it."""
 
-from pollen.run_folder import RoundRecord
-from pollen.simulations.report import COLUMNS, round_row, round_trip_ratio, traffic_summary
+from pollen.run_folder import RoundRecord, round_trip_ratio
+from pollen.simulations.report import COLUMNS, round_row, traffic_summary
 
 
 def record(up, down, dense_up, clients=4):

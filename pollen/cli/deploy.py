@@ -213,7 +213,7 @@ def server_command(args: argparse.Namespace) -> int:
     from pollen.run_folder import RunFolder
     from pollen.server.deploy import DEFAULT_PORT, Deployment
     from pollen.server.fleet_proxy import RequestLimits
-    from pollen.simulations.report import byte_size
+    from pollen.simulations.report import byte_size, round_notes, wrapped
     from pollen.tensorboard_log import require_tensorboard
     from pollen.threads import thread_environment
 
@@ -275,6 +275,9 @@ def server_command(args: argparse.Namespace) -> int:
                     console.print(f"round {entry.round}: accuracy {entry.accuracy:.4f}, {entry.clients} devices, "
                                   f"up {byte_size(entry.uplink_bytes)}, down {byte_size(entry.downlink_bytes)} "
                                   f"({time.monotonic() - started:.0f} s)")
+                    for note in round_notes(entry):  # who was turned away and why, by device name
+                        console.print(wrapped(note, console.width, first="  ", rest="    "), markup=False,
+                                      highlight=False, soft_wrap=True)
                 shown[0] = len(records)
 
             status = deployment.wait(args.timeout, on_poll=show_rounds,
