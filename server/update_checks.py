@@ -25,7 +25,10 @@ Before aggregation, ``screen_updates`` looks at every decoded update of the roun
   directions, so that no single update (an attacker's at 9x the median norm) sets
   the reference the others are judged by; the most opposed update goes first and the
   rest are judged again without it, so that attackers do not drag honest updates
-  below the bound with them.
+  below the bound with them. Only a round that shares a direction is judged (a
+  positive mean cosine over all pairs): when the updates are nearly orthogonal, as
+  sparse ones early and late in a run often are, every cosine is noise, and the
+  check would turn away honest clients at random.
 
 The round rules need at least ``MIN_FOR_MEDIAN`` updates: of two, either may be the odd one.
 
@@ -43,6 +46,7 @@ import pickle
 import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 from logging import WARNING
 
 import numpy as np
@@ -129,8 +133,11 @@ def screen_updates(updates: list[Update], checks: UpdateChecks) -> list[Verdict]
                                             f"x the round's median {median:.3g}")
         kept = [i for i in kept if verdicts[i].weight is not None]
     while checks.min_cosine > -1 and len(kept) >= MIN_FOR_MEDIAN:  # the most opposed first, then judge again
-        cosines = zip(agreement([updates[i] for i in kept]), kept)
-        cosine, worst = min(((c, i) for c, i in cosines if c is not None), default=(1.0, None))
+        round_agreement = agreement([updates[i] for i in kept])
+        if round_agreement.mean_pairwise <= 0:  # no shared direction for any update to oppose
+            break
+        cosine, worst = min(((c, i) for c, i in zip(round_agreement.cosines, kept) if c is not None),
+                            default=(1.0, None))
         if cosine >= checks.min_cosine:
             break
         verdicts[worst] = Verdict(None, f"update direction opposes the round's: cosine {cosine:.2f} with the "
@@ -146,8 +153,15 @@ def screen_updates(updates: list[Update], checks: UpdateChecks) -> list[Verdict]
     return verdicts
 
 
-def agreement(updates: list[Update]) -> list[float | None]:
-    """Each update's cosine with the sum of the other updates' unit directions (None: nothing to compare)."""
+class Agreement(NamedTuple):
+    """How a round's update directions line up."""
+
+    cosines: list[float | None]  # each one's with the sum of the others' unit directions (None: nothing to compare)
+    mean_pairwise: float  # the mean cosine over all pairs: > 0 when the round shares a direction
+
+
+def agreement(updates: list[Update]) -> Agreement:
+    """Each update's cosine with the sum of the others' unit directions, and the round's mean pairwise cosine."""
     units = [(d[0], np.asarray(d[1], dtype=np.float64) / u.norm) if d is not None and u.norm > 0 else None
              for u, d in ((u, u.direction) for u in updates)]
     size = max((int(unit[0].max()) + 1 for unit in units if unit is not None and unit[0].size), default=0)
@@ -164,7 +178,10 @@ def agreement(updates: list[Update]) -> list[float | None]:
         along = float(total[unit[0]] @ unit[1])  # <u, total>
         others_sq = total_sq - 2 * along + 1.0  # |total - u|^2, u a unit vector
         cosines.append((along - 1.0) / math.sqrt(others_sq) if others_sq > 1e-12 else None)
-    return cosines
+    count = sum(unit is not None for unit in units)
+    # |sum of units|^2 = count + the sum of all pairwise cosines (each pair twice)
+    mean_pairwise = (total_sq - count) / (count * (count - 1)) if count > 1 else 0.0
+    return Agreement(cosines, mean_pairwise)
 
 
 def check_claim(node_id: int, examples: int | float, checks: UpdateChecks) -> Verdict:
