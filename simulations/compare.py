@@ -42,6 +42,7 @@ from pollen.config import (Config, ConfigError, differences, from_dict, load_con
                            run_config_of, to_dict, with_overrides)
 from pollen.run_folder import RoundRecord, RunFolder  # noqa: E402
 from pollen.server.plot import codec_label, cumulative_mb, log_scale_if_wide  # noqa: E402
+from pollen.simulations.report import byte_size  # noqa: E402
 from pollen.simulations.run import simulate  # noqa: E402
 from pollen.strategies import check_strategy  # noqa: E402
 from pollen.tensorboard_log import require_tensorboard  # noqa: E402
@@ -171,7 +172,7 @@ def run_compare(compare: CompareConfig, folder: Path | None = None,
             results.append(result)
             if on_run:
                 on_run(f"{label} seed {seed}: final accuracy {records[-1].accuracy:.4f}, "
-                       f"{result.cumulative_mb()[-1]:.2f} MB, {result.wall_seconds:.1f} s")
+                       f"{byte_size(result.cumulative_mb()[-1] * 1e6)}, {result.wall_seconds:.1f} s")
     summaries = [summarize(label, config, [r for r in results if r.variant == label], compare.target_accuracy)
                  for label, config in compare.variants]
     table = summary_table(summaries, compare.target_accuracy)
@@ -197,11 +198,11 @@ def summarize(label: str, config: Config, results: list[RunResult], target: floa
 
 
 def summary_table(summaries: list[VariantSummary], target: float) -> Table:
-    table = Table(title=f"pollen compare: mean ± std over seeds; target accuracy {target:g}; MB = uplink + "
+    table = Table(title=f"pollen compare: mean ± std over seeds; target accuracy {target:g}; traffic = uplink + "
                         "downlink on the wire; (k/n): only k of n seeds reached the target, the mean is theirs",
                   title_justify="left", box=box.SIMPLE_HEAD)
     table.add_column("variant", no_wrap=True)
-    for column in ("final acc", "rounds\nto target", "MB\nto target", "total\nMB", "wall\ns"):
+    for column in ("final acc", "rounds\nto target", "traffic\nto target", "total\ntraffic", "wall\ns"):
         table.add_column(column, justify="right", no_wrap=True)
     for s in summaries:
         partial = f" ({s.reached}/{s.seeds})" if s.reached < s.seeds else ""
@@ -209,8 +210,8 @@ def summary_table(summaries: list[VariantSummary], target: float) -> Table:
             s.variant,
             f"{s.final_accuracy_mean:.3f}±{s.final_accuracy_std:.3f}",
             "never" if s.rounds_to_target is None else f"{s.rounds_to_target:.1f}{partial}",
-            "-" if s.mb_to_target is None else f"{s.mb_to_target:.2f}",
-            f"{s.total_mb:.2f}", f"{s.wall_seconds:.1f}",
+            "-" if s.mb_to_target is None else byte_size(s.mb_to_target * 1e6),
+            byte_size(s.total_mb * 1e6), f"{s.wall_seconds:.1f}",
         )
     return table
 
@@ -246,12 +247,12 @@ def write_html(folder: Path, compare: CompareConfig, summaries: list[VariantSumm
     import html
 
     columns = ("variant", "strategy", "codec", "final accuracy (mean ± std)", "seeds at target",
-               "rounds to target", "MB to target", "total MB", "wall s")
+               "rounds to target", "traffic to target", "total traffic", "wall s")
     rows = []
     for s in summaries:
         cells = (s.variant, s.strategy, s.codec, f"{s.final_accuracy_mean:.3f} ± {s.final_accuracy_std:.3f}",
                  f"{s.reached}/{s.seeds}", "never" if s.rounds_to_target is None else f"{s.rounds_to_target:.1f}",
-                 "-" if s.mb_to_target is None else f"{s.mb_to_target:.2f}", f"{s.total_mb:.2f}",
+                 "-" if s.mb_to_target is None else byte_size(s.mb_to_target * 1e6), byte_size(s.total_mb * 1e6),
                  f"{s.wall_seconds:.1f}")
         rows.append("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in cells) + "</tr>")
     images = "".join(
@@ -270,8 +271,8 @@ td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:right}}td:first-child,
 img{{max-width:100%}}pre{{background:#f6f6f6;padding:1em;overflow:auto}}</style></head><body>
 <h1>pollen compare</h1>
 <p>Mean ± standard deviation over seeds {", ".join(map(str, compare.seeds))}; target accuracy
-{compare.target_accuracy:g}. Rounds and MB to target are means over the seeds that reached it. MB counts uplink
-and downlink on the wire.</p>
+{compare.target_accuracy:g}. Rounds and traffic to target are means over the seeds that reached it. Traffic counts
+uplink and downlink on the wire.</p>
 <table><thead><tr>{"".join(f"<th>{html.escape(c)}</th>" for c in columns)}</tr></thead>
 <tbody>{"".join(rows)}</tbody></table>
 {images}
