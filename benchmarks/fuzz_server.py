@@ -1,6 +1,6 @@
 """Fuzz the server's accept-and-aggregate step at scale: the cases of tests/test_fuzz_server.py, many more of them.
 
-    python benchmarks/fuzz_server.py [--cases 100000] [--threads 1] > fuzz_server.json
+    python benchmarks/fuzz_server.py [--cases 100000] [--max-seconds S] [--threads 1] > fuzz_server.json
 
 Each case is one round of three to five honest clients and up to two hostile ones
 (malformed payloads, bit flips, re-sealed mutations, hostile metrics, values up to
@@ -9,7 +9,8 @@ sparse-median or fedmedian. The round must not raise, must aggregate every hones
 update and keep the global model finite. Prints one JSON object: ``cases``,
 ``accepted`` (updates), ``rejected`` (by reason, numbers masked), ``clipped``,
 ``exceptions`` (must be 0: anything raised, or a property broken, with examples) and
-``slowest_seconds`` (of one round).
+``slowest_seconds`` (of one round). With ``--max-seconds`` it stops after that long and
+reports the cases it ran (``stopped_early``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ from pollen.flower_internals import TaskIdentity  # noqa: E402
 from test_fuzz_server import fuzz_round, run_case  # noqa: E402
 
 
+class OutOfTime(Exception):
+    """--max-seconds has passed: end the run with the cases done so far."""
+
+
 def reason_kind(reason: str) -> str:
     """A reason with its numbers masked, so rejections group by kind."""
     return re.sub(r"(?<![\w-])[-+]?\d[\d.e+-]*", "N", reason)[:80]
@@ -41,6 +46,7 @@ def reason_kind(reason: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=100_000)
+    parser.add_argument("--max-seconds", type=float, default=0.0, help="stop after this long (0: run every case)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -56,6 +62,8 @@ def main() -> None:
     @given(fuzz_round())
     def one_case(case):
         nonlocal slowest
+        if args.max_seconds and time.perf_counter() - started > args.max_seconds:
+            raise OutOfTime
         counts["cases"] += 1
         try:
             result = run_case(case)
@@ -67,9 +75,14 @@ def main() -> None:
         rejected.update(reason_kind(item["reason"]) for item in result["rejections"])
         slowest = max(slowest, result["seconds"])
 
-    one_case()
+    try:
+        one_case()
+        stopped_early = False
+    except OutOfTime:
+        stopped_early = True
     json.dump({
         "cases": counts["cases"],
+        "stopped_early": stopped_early,
         "seconds": round(time.perf_counter() - started, 1),
         "accepted": counts["accepted"],
         "clipped": counts["clipped"],
