@@ -185,7 +185,7 @@ def test_a_heterogeneous_federation_aggregates_what_came_back_in_time(tmp_path):
     assert records[0].simulated_seconds == 0.0
     for entry, seen in zip(records[1:], participants):
         assert len(seen["sampled"]) == config.federation.clients_per_round  # Flower's minimum held
-        assert entry.clients == len(seen["sampled"]) - entry.dropouts - entry.stragglers
+        assert entry.clients == len(seen["sampled"]) - entry.dropouts - entry.stragglers - entry.rejected
         assert entry.failed == entry.dropouts + entry.stragglers
         assert 0 < entry.simulated_round_seconds <= 30
     assert sum(r.stragglers for r in records) > 0 and sum(r.dropouts for r in records) > 0
