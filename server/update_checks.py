@@ -46,8 +46,8 @@ import pickle
 import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple
 from logging import WARNING
+from typing import NamedTuple
 
 import numpy as np
 from flwr.app import ArrayRecord
@@ -162,8 +162,8 @@ class Agreement(NamedTuple):
 
 def agreement(updates: list[Update]) -> Agreement:
     """Each update's cosine with the sum of the others' unit directions, and the round's mean pairwise cosine."""
-    units = [(d[0], np.asarray(d[1], dtype=np.float64) / u.norm) if d is not None and u.norm > 0 else None
-             for u, d in ((u, u.direction) for u in updates)]
+    units = [(u.direction[0], np.asarray(u.direction[1], dtype=np.float64) / u.norm)
+             if u.direction is not None and u.norm > 0 else None for u in updates]
     size = max((int(unit[0].max()) + 1 for unit in units if unit is not None and unit[0].size), default=0)
     total = np.zeros(size)
     for unit in units:

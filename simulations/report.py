@@ -172,8 +172,12 @@ def round_line(entry: RoundRecord, lines: RoundLines | None = None) -> str:
                                         clock=entry.simulated_seconds is not None)
     cells = dict(zip(COLUMNS, round_row(entry)))
     row = aligned({name: cells[name] for name in lines.columns}, lines.widths)
-    notes = [wrapped(note, lines.width, first="  ", rest="    ") for note in round_notes(entry)]
-    return "\n".join([row, *(escape(note) for note in notes)])  # reasons are text, not rich markup
+    return "\n".join([row, *(escape(note) for note in note_lines(entry, lines.width))])  # reasons: text, not markup
+
+
+def note_lines(entry: RoundRecord, width: int) -> list[str]:
+    """``round_notes`` as they go under a round's line: indented, wrapped to ``width``, plain text."""
+    return [wrapped(note, width, first="  ", rest="    ") for note in round_notes(entry)]
 
 
 def round_notes(entry: RoundRecord) -> list[str]:

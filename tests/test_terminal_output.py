@@ -12,8 +12,8 @@ from rich.console import Console
 
 from pollen.run_folder import RoundRecord
 from pollen.simulations.report import (COLUMNS, IMPORTANCE, ConsoleLog, RoundLines, byte_size, fitting, log_on,
-                                       metric_text, print_whole, print_wrapped, round_line, round_row, round_table,
-                                       traffic_summary, wrapped)
+                                       metric_text, note_lines, print_whole, print_wrapped, round_line, round_row,
+                                       round_table, traffic_summary, wrapped)
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 ESSENTIAL = ("round", "acc", "loss", "F1", "clients", "up", "down", "ratio")
@@ -135,6 +135,16 @@ def test_a_small_runs_traffic_is_not_zero_megabytes():
                                          (4.2e7, "4e+07"), (float("nan"), "nan")])
 def test_a_loss_prints_in_six_characters(value, text):
     assert metric_text(value) == text
+
+
+def test_each_rejected_client_is_a_note_indented_under_its_round_and_wrapped_to_the_width():
+    notes = note_lines(record(3, rejected=REJECTED), 60)
+    starts = [i for i, note in enumerate(notes) if note.startswith("  rejected partition")]
+    assert starts == [0, 1] and "[bold]" in notes[0]  # plain text: the reason's brackets stay
+    for note in notes:
+        first, *rest = note.splitlines()
+        assert first.startswith("  rejected ") and rest and all(line.startswith("    ") for line in rest)
+        assert all(len(line) <= 60 for line in note.splitlines())
 
 
 def test_wrapped_text_breaks_at_spaces_and_indents_what_follows():

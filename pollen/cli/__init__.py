@@ -19,7 +19,8 @@ import sys
 from importlib.metadata import version
 
 from pollen.cli import deploy as deploy_cli
-from pollen.cli.options import add_threads_option, add_verbose_option, use_threads
+from pollen.cli.options import (add_tensorboard_option, add_threads_option, add_verbose_option, run_overrides,
+                                use_threads)
 from pollen.config import ConfigError, load_config
 from pollen.flower_processes import FlowerError
 
@@ -52,12 +53,12 @@ def command_parser() -> argparse.ArgumentParser:
                      help="go on from RUN_DIR's last checkpoint with its config.yaml (--set federation.rounds=N "
                           "runs it for longer; default: a new run)")
     add_run_options(sim)
-    deploy_cli.add_tensorboard_option(sim)
+    add_tensorboard_option(sim)
     comp = commands.add_parser("compare", help="compare strategies and codecs on the same partitions and seeds")
     comp.add_argument("config", help="compare config, e.g. simulations/configs/compare.yaml")
     comp.add_argument("--output", metavar="DIR", help="report folder (default: the config's output_dir/<timestamp>)")
     add_run_options(comp)
-    deploy_cli.add_tensorboard_option(comp)
+    add_tensorboard_option(comp)
     tune = commands.add_parser("tune", help="search run-config keys with Optuna, pruning weak federations")
     tune.add_argument("config", help="tune config, e.g. simulations/configs/tune.yaml")
     tune.add_argument("--output", metavar="DIR", help="study folder; the same folder again carries the study on "
@@ -115,9 +116,9 @@ def simulate_from_args(args: argparse.Namespace, console) -> int:
         folder = RunFolder(args.resume)
         if not folder.config_path.is_file():
             raise ConfigError(f"--resume {folder}: no {RunFolder.CONFIG}, not a run folder")
-        config = folder.read_config(deploy_cli.run_overrides(args))
+        config = folder.read_config(run_overrides(args))
     else:
-        config = load_config(args.config, deploy_cli.run_overrides(args))
+        config = load_config(args.config, run_overrides(args))
         folder = RunFolder(args.output) if args.output else RunFolder.new(config.output_dir)
     check_strategy(config)
     require_tensorboard(config)

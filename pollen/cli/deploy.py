@@ -17,7 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from pollen.cli.options import add_threads_option, add_verbose_option, use_threads
+from pollen.cli.options import (add_tensorboard_option, add_threads_option, add_verbose_option, run_overrides,
+                                use_threads)
 from pollen.config import ConfigError, load_config
 from pollen.flower_processes import FlowerError
 
@@ -138,17 +139,6 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         parser.exit(2, f"{prefix}: {one_line(error)}\n")
 
 
-def add_tensorboard_option(command: argparse.ArgumentParser) -> None:
-    command.add_argument("--tensorboard", action="store_true",
-                         help="also write each round's scalars as TensorBoard events into the run folder "
-                              "(the key tensorboard: true; needs pip install 'pollen[tensorboard]')")
-
-
-def run_overrides(args: argparse.Namespace) -> list[str]:
-    """The command's ``--set`` overrides, with ``tensorboard=true`` for ``--tensorboard``."""
-    return [*args.overrides, *(["tensorboard=true"] if args.tensorboard else [])]
-
-
 def one_line(error: Exception) -> str:
     """The error's first line: the rest (a log's end, a library's detail) is in the logs or --debug."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
@@ -213,7 +203,7 @@ def server_command(args: argparse.Namespace) -> int:
     from pollen.run_folder import RunFolder
     from pollen.server.deploy import DEFAULT_PORT, Deployment
     from pollen.server.fleet_proxy import RequestLimits
-    from pollen.simulations.report import byte_size, round_notes, wrapped
+    from pollen.simulations.report import byte_size, note_lines
     from pollen.tensorboard_log import require_tensorboard
     from pollen.threads import thread_environment
 
@@ -275,9 +265,8 @@ def server_command(args: argparse.Namespace) -> int:
                     console.print(f"round {entry.round}: accuracy {entry.accuracy:.4f}, {entry.clients} devices, "
                                   f"up {byte_size(entry.uplink_bytes)}, down {byte_size(entry.downlink_bytes)} "
                                   f"({time.monotonic() - started:.0f} s)")
-                    for note in round_notes(entry):  # who was turned away and why, by device name
-                        console.print(wrapped(note, console.width, first="  ", rest="    "), markup=False,
-                                      highlight=False, soft_wrap=True)
+                    for note in note_lines(entry, console.width):  # who was turned away and why, by device name
+                        console.print(note, markup=False, highlight=False, soft_wrap=True)
                 shown[0] = len(records)
 
             status = deployment.wait(args.timeout, on_poll=show_rounds,

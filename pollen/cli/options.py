@@ -1,4 +1,4 @@
-"""Options every ``pollen`` command spells the same way: ``--threads N`` and ``-v/--verbose``."""
+"""Options every ``pollen`` command spells the same way: ``--threads N``, ``-v/--verbose``, ``--tensorboard``."""
 
 from __future__ import annotations
 
@@ -18,6 +18,17 @@ def add_threads_option(command: argparse.ArgumentParser) -> None:
 def add_verbose_option(command: argparse.ArgumentParser) -> None:
     command.add_argument("-v", "--verbose", action="store_true",
                          help="show Flower's and torch's log at INFO (default: warnings and errors only)")
+
+
+def add_tensorboard_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--tensorboard", action="store_true",
+                         help="also write each round's scalars as TensorBoard events into the run folder "
+                              "(the key tensorboard: true; needs pip install 'pollen[tensorboard]')")
+
+
+def run_overrides(args: argparse.Namespace) -> list[str]:
+    """The command's ``--set`` overrides, with ``tensorboard=true`` for ``--tensorboard``."""
+    return [*args.overrides, *(["tensorboard=true"] if args.tensorboard else [])]
 
 
 def positive_int(text: str) -> int:
