@@ -207,7 +207,15 @@ class FederationConfig:
     max_examples: int = 1_000_000  # reject a num-examples claim above this (a simulation knows the true sizes)
     max_weight_ratio: float = 10.0  # clip a claim of unknown size to this times the round's median claim
     max_step_ratio: float = 10.0  # refuse a round whose global step is longer than this times the model's norm
+    # sample up to this times clients_per_round, as many more as the rounds so far lost; 1 = off
+    over_select: float = 1.0
     early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
+
+    @property
+    def most_sampled(self) -> int:
+        """The most clients a round samples: clients_per_round, or more with over_select."""
+        return min(self.num_clients, max(self.clients_per_round,
+                                         math.floor(self.clients_per_round * self.over_select + 1e-9)))
 
     def check(self) -> None:
         self.early_stopping.check()
@@ -219,6 +227,7 @@ class FederationConfig:
         _at_least("federation.max_examples", self.max_examples, 1)
         _bound("federation.max_weight_ratio", self.max_weight_ratio, 1.0)
         _bound("federation.max_step_ratio", self.max_step_ratio, 0.0)
+        _at_least("federation.over_select", self.over_select, 1.0)
         _at_least("federation.num_clients", self.num_clients, 1)
         _at_least("federation.clients_per_round", self.clients_per_round, 1)
         _at_least("federation.rounds", self.rounds, 1)

@@ -6,7 +6,8 @@ of ``privacy.clip_norm`` (C) and adds Gaussian noise of standard deviation sigma
 every coordinate. Error feedback and top-k only ever see the noised update, so what
 leaves the device is post-processing of a Gaussian mechanism with sensitivity C.
 
-Each round a client takes part with probability q = clients_per_round / num_clients,
+Each round a client takes part with probability q = clients_per_round / num_clients
+(with ``federation.over_select``, the most a round may sample over num_clients: an upper bound),
 so its privacy loss over the rounds so far is that of the subsampled Gaussian
 mechanism, composed; ``epsilon`` asks Opacus' RDP accountant for the epsilon at
 ``privacy.delta``. This is per client (user-level): it covers everything a client's
@@ -47,6 +48,6 @@ def epsilon(settings: PrivacyConfig, federation: FederationConfig, rounds: int) 
     from opacus.accountants import RDPAccountant
 
     accountant = RDPAccountant()
-    sample_rate = min(1.0, federation.clients_per_round / federation.num_clients)
+    sample_rate = min(1.0, federation.most_sampled / federation.num_clients)
     accountant.history = [(settings.noise_multiplier, sample_rate, rounds)]
     return float(accountant.get_epsilon(settings.delta))

@@ -43,6 +43,7 @@ from pollen.server.broadcast import Broadcast
 from pollen.server.checkpoint import ServerState, load_checkpoint, save_checkpoint
 from pollen.server.early_stopping import EarlyStop
 from pollen.server.momentum import ServerMomentum
+from pollen.server.over_selection import OverSelection
 from pollen.server.plot import plot_confusion, plot_run, run_label
 from pollen.server.update_checks import KnownClients, StepGuard, UpdateChecks
 from pollen.server.uplink import RoundTraffic, accept_evaluations, accept_replies
@@ -143,14 +144,19 @@ def run_round(server_round: int, state: ServerState, grid: Grid, codec: Codec,
     """
     checks = checks or UpdateChecks.of(Config())
     traffic = RoundTraffic()
-    # Select and configure clients: the strategy samples nodes and writes their messages.
+    # Select and configure clients: the strategy samples nodes (more of them if many have been
+    # failing, federation.over_select) and writes their messages.
+    if state.selection is not None:
+        state.selection.configure(state.strategy)
     settings = ConfigRecord({} if lr is None else {"lr": lr})
-    messages = state.strategy.configure_train(server_round, state.arrays, settings, grid)
+    messages = list(state.strategy.configure_train(server_round, state.arrays, settings, grid))
     # Address the downlink (each node gets what it lacks of the global arrays), send, wait.
     replies = exchange(messages, state, grid, traffic)
     # Accept replies: check, decode, count and screen every update; bad ones are dropped with their reason.
     replies = accept_replies(replies, state.arrays, codec, checks, sparse=takes_sparse_deltas(state.strategy),
                              traffic=traffic, server_round=server_round)
+    if state.selection is not None:
+        state.selection.count(len(messages), traffic.accepted)
     # Guarded from here: if a step raises, or the new model is not finite or moves too far,
     # the round is refused and the model, the strategy's and the momentum's state stay.
     train_metrics = None
@@ -249,7 +255,8 @@ def new_state(config: Config) -> ServerState:
     else:
         momentum = ServerMomentum(fed.server_learning_rate, fed.server_momentum, fed.server_decay, fed.rounds)
     return ServerState(round=0, arrays=ArrayRecord({name: Array(value) for name, value in start.items()}),
-                       strategy=strategy, momentum=momentum, broadcast=Broadcast(config.downlink.build(), start))
+                       strategy=strategy, momentum=momentum, broadcast=Broadcast(config.downlink.build(), start),
+                       selection=OverSelection(fed.clients_per_round, fed.most_sampled, fed.num_clients))
 
 
 def resumed_state(config: Config, folder: RunFolder, clients_kept_state: bool) -> ServerState:

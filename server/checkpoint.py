@@ -35,6 +35,7 @@ from flwr.serverapp.strategy import Strategy
 from pollen.config import Config, ConfigError, differences, from_dict, to_dict
 from pollen.server.broadcast import Broadcast
 from pollen.server.momentum import ServerMomentum
+from pollen.server.over_selection import OverSelection
 
 FORMAT = 4  # 1: arrays and config only; 2: a wrapper strategy object; 3: the broadcast's full-array kind (none resumable)
 
@@ -53,6 +54,7 @@ class ServerState:
     strategy: Strategy  # with its own state (FedAdam's moments, ...)
     momentum: ServerMomentum | None  # None: the strategy has a server optimizer of its own
     broadcast: Broadcast
+    selection: OverSelection | None = None  # how many to sample (None: a checkpoint from before it)
 
 
 def save_checkpoint(path: Path, state: ServerState, config: Config) -> None:

@@ -65,6 +65,7 @@ def test_a_bad_flower_run_config_is_named(run_config, named):
     ("train.batch_size=0", "train.batch_size"),
     ("train.weight_decay=-1", "train.weight_decay"),
     ("simulation.client_timeout_seconds=-1", "simulation.client_timeout_seconds"),
+    ("federation.over_select=0.5", "federation.over_select"),
 ])
 def test_bad_codec_downlink_and_train_settings_are_named(override, named):
     with pytest.raises(ConfigError, match=named):

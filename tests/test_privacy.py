@@ -47,6 +47,8 @@ def test_epsilon_grows_with_rounds_and_shrinks_with_noise_and_sampling():
     assert 0 < epsilon(loud, fed, 5) < epsilon(loud, fed, 20) < epsilon(quiet, fed, 20)
     everyone = FederationConfig(num_clients=10, clients_per_round=10)
     assert epsilon(loud, everyone, 20) > epsilon(loud, fed, 20)  # no amplification by sampling
+    over = FederationConfig(num_clients=100, clients_per_round=10, over_select=1.5)
+    assert epsilon(loud, over, 20) == epsilon(loud, FederationConfig(num_clients=100, clients_per_round=15), 20)
 
 
 def test_a_private_run_records_the_epsilon_spent_each_round(tmp_path):

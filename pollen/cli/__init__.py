@@ -202,7 +202,7 @@ def simulate_command(config, folder, threads: int | None = None, resume: bool = 
     done = folder.records()[-1].round if resume and folder.records() else 0
     if resume:
         print_wrapped(console, f"resuming {folder} after round {done}")
-    lines = RoundLines.fitting(console.width, fed.rounds, fed.clients_per_round, clock=bool(config.simulation.devices))
+    lines = RoundLines.fitting(console.width, fed.rounds, fed.most_sampled, clock=bool(config.simulation.devices))
     console.print(lines.header(), highlight=False)
     interrupted = False
     # In a pipe or file the bar would only print its last state: the round lines say it all there.
