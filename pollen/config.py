@@ -202,7 +202,7 @@ class FederationConfig:
     # What the server accepts (pollen/server/update_checks.py); 0 turns a bound off.
     max_norm_ratio: float = 10.0  # reject an update whose L2 norm is above this times the round's median
     max_update_norm: float = 0.0  # reject an update whose L2 norm is above this
-    # reject an update whose cosine with the rest of the round's directions is below this; -1 = off
+    # reject an update against the round's majority direction: its cosine with it below this; -1 = off
     min_cosine: float = 0.0
     max_examples: int = 1_000_000  # reject a num-examples claim above this (a simulation knows the true sizes)
     max_weight_ratio: float = 10.0  # clip a claim of unknown size to this times the round's median claim

@@ -18,17 +18,19 @@ Before aggregation, ``screen_updates`` looks at every decoded update of the roun
   sent would still take its (clipped) value unaveraged. Rejected, the round is what
   the honest clients alone make of it.
 
-* The update must point the way the rest of the round does: its cosine with the sum
-  of the other updates' unit directions must be at least ``min_cosine`` (0: it may not
-  oppose them; -1 turns the check off). A sign-flipped update keeps an honest norm and
-  passes the norm check; against the others' directions it is negative. Unit
-  directions, so that no single update (an attacker's at 9x the median norm) sets
-  the reference the others are judged by; the most opposed update goes first and the
-  rest are judged again without it, so that attackers do not drag honest updates
-  below the bound with them. Only a round that shares a direction is judged (a
-  positive mean cosine over all pairs): when the updates are nearly orthogonal, as
-  sparse ones early and late in a run often are, every cosine is noise, and the
-  check would turn away honest clients at random.
+* The update must not point against the round's majority (``min_cosine``, 0; -1 turns
+  the check off). A sign-flipped update keeps an honest norm and passes the norm check,
+  but it points away from the honest ones, and several flipped ones point together. The
+  round's main axis, the top eigenvector of the cosines between its unit directions,
+  splits the two groups; the larger side is taken as honest, and an update on the other
+  side whose cosine with the sum of the majority's unit directions is below the bound
+  is rejected. Unit directions, so that no single update (an attacker's at 9x the
+  median norm) sets the reference. The majority is taken as one group, so that even
+  4 attackers of 10 neither hide in the sum of all updates nor pull honest ones below
+  the bound with them. A tie is not judged, nor a round whose majority shares no
+  direction (a mean pairwise cosine of at most 0): when sparse updates are nearly
+  orthogonal, every cosine is noise, and the check would turn away honest clients at
+  random.
 
 The round rules need at least ``MIN_FOR_MEDIAN`` updates: of two, either may be the odd one.
 
@@ -47,9 +49,9 @@ import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from logging import WARNING
-from typing import NamedTuple
 
 import numpy as np
+from scipy import sparse
 from flwr.app import ArrayRecord
 from flwr.common import log
 
@@ -58,6 +60,7 @@ from pollen.data import partitions
 from pollen.server.checkpoint import ServerState, pickled
 
 MIN_FOR_MEDIAN = 3  # updates a round needs before its median judges any of them
+EIGEN_ZERO = 1e-9  # an axis component this small is on neither side (an update orthogonal to the others)
 
 
 @dataclass(frozen=True)
@@ -132,17 +135,11 @@ def screen_updates(updates: list[Update], checks: UpdateChecks) -> list[Verdict]
                 verdicts[i] = Verdict(None, f"update norm {updates[i].norm:.3g} is above {checks.max_norm_ratio:g} "
                                             f"x the round's median {median:.3g}")
         kept = [i for i in kept if verdicts[i].weight is not None]
-    while checks.min_cosine > -1 and len(kept) >= MIN_FOR_MEDIAN:  # the most opposed first, then judge again
-        round_agreement = agreement([updates[i] for i in kept])
-        if round_agreement.mean_pairwise <= 0:  # no shared direction for any update to oppose
-            break
-        cosine, worst = min(((c, i) for c, i in zip(round_agreement.cosines, kept) if c is not None),
-                            default=(1.0, None))
-        if cosine >= checks.min_cosine:
-            break
-        verdicts[worst] = Verdict(None, f"update direction opposes the round's: cosine {cosine:.2f} with the "
-                                        f"others is below federation.min_cosine {checks.min_cosine:g}")
-        kept.remove(worst)
+    if checks.min_cosine > -1 and len(kept) >= MIN_FOR_MEDIAN:
+        for i, cosine in opposed([updates[i] for i in kept], checks.min_cosine).items():
+            verdicts[kept[i]] = Verdict(None, f"update direction opposes the round's: cosine {cosine:.2f} with the "
+                                              f"majority is below federation.min_cosine {checks.min_cosine:g}")
+        kept = [i for i in kept if verdicts[i].weight is not None]
     if checks.max_weight_ratio and len(kept) >= MIN_FOR_MEDIAN:
         median = statistics.median(float(verdicts[i].weight) for i in kept)
         bound = checks.max_weight_ratio * median
@@ -153,35 +150,47 @@ def screen_updates(updates: list[Update], checks: UpdateChecks) -> list[Verdict]
     return verdicts
 
 
-class Agreement(NamedTuple):
-    """How a round's update directions line up."""
+def cosines(updates: list[Update]) -> tuple[np.ndarray, list[int]]:
+    """The cosines between the updates' directions (a symmetric matrix, ones on its diagonal), and which
+    updates (by index) they are of: those with a direction and a norm above 0."""
+    judged = [i for i, u in enumerate(updates) if u.direction is not None and u.norm > 0 and u.direction[0].size]
+    if not judged:
+        return np.zeros((0, 0)), judged
+    rows = [updates[i].direction for i in judged]
+    units = sparse.csr_matrix(
+        (np.concatenate([np.asarray(values, np.float64) / updates[i].norm for i, (_, values) in zip(judged, rows)]),
+         np.concatenate([indices for indices, _ in rows]),
+         np.cumsum([0] + [len(indices) for indices, _ in rows])),
+        shape=(len(judged), max(int(indices.max()) + 1 for indices, _ in rows)))
+    return (units @ units.T).toarray(), judged
 
-    cosines: list[float | None]  # each one's with the sum of the others' unit directions (None: nothing to compare)
-    mean_pairwise: float  # the mean cosine over all pairs: > 0 when the round shares a direction
 
+def opposed(updates: list[Update], min_cosine: float) -> dict[int, float]:
+    """The updates (by index) that oppose the round's majority, each with its cosine with the majority.
 
-def agreement(updates: list[Update]) -> Agreement:
-    """Each update's cosine with the sum of the others' unit directions, and the round's mean pairwise cosine."""
-    units = [(u.direction[0], np.asarray(u.direction[1], dtype=np.float64) / u.norm)
-             if u.direction is not None and u.norm > 0 else None for u in updates]
-    size = max((int(unit[0].max()) + 1 for unit in units if unit is not None and unit[0].size), default=0)
-    total = np.zeros(size)
-    for unit in units:
-        if unit is not None:
-            total[unit[0]] += unit[1]  # indices are unique within one update
-    total_sq = float(total @ total)
-    cosines = []
-    for unit in units:
-        if unit is None:
-            cosines.append(None)
-            continue
-        along = float(total[unit[0]] @ unit[1])  # <u, total>
-        others_sq = total_sq - 2 * along + 1.0  # |total - u|^2, u a unit vector
-        cosines.append((along - 1.0) / math.sqrt(others_sq) if others_sq > 1e-12 else None)
-    count = sum(unit is not None for unit in units)
-    # |sum of units|^2 = count + the sum of all pairwise cosines (each pair twice)
-    mean_pairwise = (total_sq - count) / (count * (count - 1)) if count > 1 else 0.0
-    return Agreement(cosines, mean_pairwise)
+    The round's main axis is the top eigenvector of the matrix of cosines: the direction
+    its updates share most, with attackers that all push one way (a sign flip) on its far
+    side. The side that holds more updates is the majority; a tie is not judged, nor is a
+    majority without a shared direction of its own (a mean pairwise cosine of at most 0,
+    as when sparse updates are nearly orthogonal and every cosine is noise). An update on
+    the minority side whose cosine with the sum of the majority's unit directions is below
+    ``min_cosine`` opposes it.
+    """
+    matrix, judged = cosines(updates)
+    if len(judged) < 2:
+        return {}
+    axis = np.linalg.eigh(matrix)[1][:, -1]
+    ahead, behind = axis > EIGEN_ZERO, axis < -EIGEN_ZERO
+    if ahead.sum() == behind.sum():
+        return {}
+    if behind.sum() > ahead.sum():
+        ahead, behind = behind, ahead
+    majority = ~behind
+    shared = matrix[np.ix_(majority, majority)]
+    if majority.sum() < 2 or (shared.sum() - majority.sum()) <= 0:  # the sum of its pairwise cosines
+        return {}
+    with_majority = matrix[:, majority].sum(axis=1) / math.sqrt(shared.sum())
+    return {judged[k]: float(with_majority[k]) for k in np.flatnonzero(behind) if with_majority[k] < min_cosine}
 
 
 def check_claim(node_id: int, examples: int | float, checks: UpdateChecks) -> Verdict:

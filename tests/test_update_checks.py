@@ -12,7 +12,7 @@ from pollen.data import partitions
 from pollen.run_folder import RoundRecord
 from pollen.server.app import run_federation
 from pollen.server.momentum import ServerMomentum
-from pollen.server.update_checks import (KnownClients, StepGuard, Update, UpdateChecks, agreement,
+from pollen.server.update_checks import (KnownClients, StepGuard, Update, UpdateChecks, cosines, opposed,
                                          screen_updates, simulated_clients)
 from pollen.server.uplink import RoundTraffic, accept_evaluations
 from pollen.simulations.report import round_line
@@ -93,23 +93,25 @@ def directed(vectors) -> list[Update]:
             for i, v in enumerate(vectors)]
 
 
-def test_agreement_is_each_updates_cosine_with_the_sum_of_the_others_unit_directions():
+def test_cosines_are_between_unit_directions_dense_or_sparse_and_skip_updates_without_one():
     ups = directed([[3.0, 0.0], [1.0, 1.0], [0.0, -2.0]])
-    # the first's others: (1, 1)/sqrt(2) + (0, -1), at 22.5 degrees; the second's: (1, -1), at 90
-    round_agreement = agreement(ups)
-    np.testing.assert_allclose(round_agreement.cosines, [np.cos(np.pi / 8), 0.0, -np.sin(np.pi / 8)], atol=1e-12)
-    # pairs: 45 degrees, 90, 135
-    assert round_agreement.mean_pairwise == pytest.approx((2 ** -0.5 + 0.0 - 2 ** -0.5) / 3, abs=1e-12)
-    assert agreement(directed([[1.0, 0.0], [5.0, 0.0], [-1.0, 0.0]])).cosines[1] is None  # its others cancel out
-    sparse = [Update(1, 10, 1.0, (np.array([3]), np.array([1.0]))), Update(2, 10, 2.0, (np.array([3]), np.array([2.0]))),
-              Update(3, 10, 1.0, None)]
-    assert agreement(sparse).cosines == [1.0, 1.0, None] and agreement(sparse).mean_pairwise == 1.0
+    matrix, judged = cosines(ups)
+    h = 2 ** -0.5
+    np.testing.assert_allclose(matrix, [[1, h, 0], [h, 1, -h], [0, -h, 1]], atol=1e-12)
+    assert judged == [0, 1, 2]
+    sparse = [Update(1, 10, 1.0, (np.array([3]), np.array([1.0]))), Update(2, 10, 1.0, None),
+              Update(3, 10, 2.0, (np.array([0, 3]), np.array([0.0, -2.0]))), Update(4, 10, 0.0, (np.array([1]), np.array([0.0])))]
+    matrix, judged = cosines(sparse)
+    np.testing.assert_allclose(matrix, [[1, -1], [-1, 1]])
+    assert judged == [0, 2]
 
 
 def test_a_round_without_a_shared_direction_is_not_judged():
     orthogonal = np.eye(6)[:5] * 3.0
+    # one update against two others; the majority (the rest) shares no direction
     vectors = [*orthogonal, -orthogonal[0] - orthogonal[1] + 0.1 * np.eye(6)[5]]
-    assert agreement(directed(vectors)).mean_pairwise < 0 and min(agreement(directed(vectors)).cosines) < 0
+    assert cosines(directed(vectors))[0][5, :2].max() < -0.7
+    assert opposed(directed(vectors), 0.0) == {}
     assert all(v.weight == 10 for v in screen_updates(directed(vectors), default_checks()))
 
 
@@ -119,20 +121,33 @@ def test_an_update_that_opposes_the_round_is_rejected_and_minus_one_turns_the_ch
     verdicts = screen_updates(directed(vectors), default_checks())
     assert [v.weight for v in verdicts] == [10, 10, 10, 10, None]
     assert verdicts[4].reason.startswith("update direction opposes the round's: cosine -0.")
-    assert verdicts[4].reason.endswith("is below federation.min_cosine 0")
+    assert verdicts[4].reason.endswith("with the majority is below federation.min_cosine 0")
     off = default_checks(overrides=["federation.min_cosine=-1"])
     assert all(v.weight == 10 for v in screen_updates(directed(vectors), off))
     assert all(v.weight == 10 for v in screen_updates(directed(vectors[3:]), default_checks()))  # two: no judge
 
 
-@pytest.mark.parametrize("seed", [4, 12])
-def test_attackers_that_drag_honest_updates_below_the_bound_go_first_and_the_honest_stay(seed):
+def noisy_round(seed: int, honest: int, flipped: int, noise: float = 3.0) -> list:
     r = np.random.default_rng(seed)
     base = r.normal(size=200)
-    vectors = [base + 3 * r.normal(size=200) for _ in range(7)] + [-(base + 3 * r.normal(size=200))
-                                                                     for _ in range(2)]
-    assert min(agreement(directed(vectors)).cosines[:7]) < 0  # judged once, with the attackers, an honest one fails
-    assert [v.weight for v in screen_updates(directed(vectors), default_checks())] == [10] * 7 + [None] * 2
+    return ([base + noise * r.normal(size=200) for _ in range(honest)]
+            + [-(base + noise * r.normal(size=200)) for _ in range(flipped)])
+
+
+@pytest.mark.parametrize("seed", [4, 12])
+@pytest.mark.parametrize("flipped", [2, 4])
+def test_sign_flipped_updates_of_a_minority_are_all_rejected_and_the_honest_stay(seed, flipped):
+    vectors = noisy_round(seed, 10 - flipped, flipped)
+    verdicts = screen_updates(directed(vectors), default_checks())
+    assert [v.weight for v in verdicts] == [10] * (10 - flipped) + [None] * flipped
+    if flipped == 4:  # against the sum of all the others, the attackers hide: no honest update stands out
+        matrix = cosines(directed(vectors))[0]
+        assert (matrix.sum() - np.trace(matrix)) / 90 < 0  # the mean pairwise cosine of the round
+
+
+def test_a_tie_between_two_sides_is_not_judged():
+    assert opposed(directed(noisy_round(7, 5, 5, noise=1.0)), 0.0) == {}
+    assert set(opposed(directed(noisy_round(7, 6, 4, noise=1.0)), 0.0)) == {6, 7, 8, 9}
 
 
 @pytest.mark.parametrize("name", ["sparse-fedavg", "fedavg"])
