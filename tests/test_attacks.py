@@ -45,8 +45,12 @@ def test_the_default_checks_turn_away_scaled_overweight_and_sign_flipping_attack
     _, records = simulate(config, RunFolder(tmp_path / "run"))
     names = {f"partition {p}" for p in attackers(config)}
     for record in records[1:]:
-        refused = {item["client"] for item in record.rejected_updates}
-        assert refused == names and record.clients == 8
+        refused = {item["client"]: item["reason"] for item in record.rejected_updates}
+        assert names <= set(refused)
+        # an honest client whose label-skewed data points against the rest may be turned away too
+        honest = [reason for client, reason in refused.items() if client not in names]
+        assert len(honest) <= 1 and all("direction opposes" in reason for reason in honest)
+        assert record.clients == 8 - len(honest)
         assert all(np.isfinite(record.accuracy) for record in records)
 
 
