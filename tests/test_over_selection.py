@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 from flwr.serverapp.strategy import FedAvg
 
+from pollen.cli import main
 from pollen.config import FederationConfig, load_config
 from pollen.run_folder import RunFolder
 from pollen.server.checkpoint import load_checkpoint
 from pollen.server.over_selection import OverSelection
-from pollen.simulations.run import simulate
 
+TINY = "simulations/configs/tiny.yaml"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -57,12 +58,16 @@ def test_off_leaves_the_strategy_sampling_as_configured():
     assert strategy.fraction_train == 0.1 and selection.sample_size() == 10
 
 
-def test_with_failing_clients_later_rounds_sample_more_and_the_checkpoint_keeps_the_counts(tmp_path):
-    config = load_config("simulations/configs/tiny.yaml", [
-        "federation.rounds=3", "simulation.devices=simulations/configs/devices-faulty.yaml",
-        "federation.over_select=2"])
-    folder = RunFolder(tmp_path)
-    _, records = simulate(config, folder)
+def test_with_failing_clients_later_rounds_sample_more_and_the_checkpoint_keeps_the_counts(tmp_path, capsys,
+                                                                                         monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    overrides = ["federation.rounds=3", "simulation.devices=simulations/configs/devices-faulty.yaml",
+                 "federation.over_select=2"]
+    assert main(["simulate", TINY, "--threads", "1", "--output", str(tmp_path),
+                 *[part for override in overrides for part in ("--set", override)]]) == 0
+    assert "5 per round (up to 10 sampled)" in " ".join(capsys.readouterr().out.split())
+    config, folder = load_config(TINY, overrides), RunFolder(tmp_path)
+    records = folder.records()
     sampled = [r.clients + r.rejected + r.failed for r in records[1:]]
     per_round = config.federation.clients_per_round
     assert sampled[0] == per_round and records[1].failed > 0  # round 1 knows no losses yet

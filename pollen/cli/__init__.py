@@ -195,7 +195,9 @@ def simulate_command(config, folder, threads: int | None = None, resume: bool = 
     fed = config.federation
     print_wrapped(console, f"pollen simulate: {config.model.name} ({config.model.trainable}, "
                            f"{config.model.quantize} base) on {config.data.dataset}, {fed.num_clients} clients, "
-                           f"{fed.clients_per_round} per round, {fed.rounds} rounds, codec {config.codec.name}"
+                           f"{fed.clients_per_round} per round"
+                           + (f" (up to {fed.most_sampled} sampled)" if fed.most_sampled > fed.clients_per_round else "")
+                           + f", {fed.rounds} rounds, codec {config.codec.name}"
                            + (f" density {config.codec.density} {config.codec.bits}-bit"
                               if config.codec.name == "topk" else "")
                            + f", {threads} torch thread{'s' if threads > 1 else ''}")

@@ -254,7 +254,9 @@ def server_command(args: argparse.Namespace) -> int:
                           f"(`FLWR_HOME={deployment.flwr_home} flwr ls {CONNECTION}`)")
             run_id = deployment.submit()
             console.print(f"run {run_id}: {fed.rounds} rounds, {fed.clients_per_round} devices per round "
-                          f"(waits until that many are connected)")
+                          + (f"(up to {fed.most_sampled} sampled as earlier rounds lose some) "
+                             if fed.most_sampled > fed.clients_per_round else "")
+                          + "(waits until that many are connected)")
             console.print(f"records: [bold]{run.records_path}[/], checkpoint: [bold]{run.checkpoint}[/], "
                           f"logs: {run.logs}")
             shown = [0]
