@@ -30,7 +30,7 @@ class OverSelection:
     counted: int = 0  # of them, those whose update was aggregated
 
     def sample_size(self) -> int:
-        """How many clients the next round samples (before the cap of those online)."""
+        """How many clients the next round samples when all are online."""
         if self.sampled == 0:
             return self.per_round
         if self.counted == 0:  # nothing counted yet: as many as it may
