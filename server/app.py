@@ -146,8 +146,7 @@ def run_round(server_round: int, state: ServerState, grid: Grid, codec: Codec,
     traffic = RoundTraffic()
     # Select and configure clients: the strategy samples nodes (more of them if many have been
     # failing, federation.over_select) and writes their messages.
-    if state.selection is not None:
-        state.selection.configure(state.strategy)
+    state.selection.configure(state.strategy)
     settings = ConfigRecord({} if lr is None else {"lr": lr})
     messages = list(state.strategy.configure_train(server_round, state.arrays, settings, grid))
     # Address the downlink (each node gets what it lacks of the global arrays), send, wait.
@@ -155,8 +154,7 @@ def run_round(server_round: int, state: ServerState, grid: Grid, codec: Codec,
     # Accept replies: check, decode, count and screen every update; bad ones are dropped with their reason.
     replies = accept_replies(replies, state.arrays, codec, checks, sparse=takes_sparse_deltas(state.strategy),
                              traffic=traffic, server_round=server_round)
-    if state.selection is not None:
-        state.selection.count(len(messages), traffic.accepted)
+    state.selection.count(len(messages), traffic.accepted)
     # Guarded from here: if a step raises, or the new model is not finite or moves too far,
     # the round is refused and the model, the strategy's and the momentum's state stay.
     train_metrics = None
@@ -256,7 +254,7 @@ def new_state(config: Config) -> ServerState:
         momentum = ServerMomentum(fed.server_learning_rate, fed.server_momentum, fed.server_decay, fed.rounds)
     return ServerState(round=0, arrays=ArrayRecord({name: Array(value) for name, value in start.items()}),
                        strategy=strategy, momentum=momentum, broadcast=Broadcast(config.downlink.build(), start),
-                       selection=OverSelection(fed.clients_per_round, fed.most_sampled, fed.num_clients))
+                       selection=OverSelection.of(fed))
 
 
 def resumed_state(config: Config, folder: RunFolder, clients_kept_state: bool) -> ServerState:
@@ -266,6 +264,8 @@ def resumed_state(config: Config, folder: RunFolder, clients_kept_state: bool) -
         state.momentum.rounds = config.federation.rounds  # a resumed run may go on for longer
     if not clients_kept_state:
         state.broadcast.forget_nodes()
+    if getattr(state, "selection", None) is None:  # a checkpoint from before over-selection: count from here
+        state.selection = OverSelection.of(config.federation)
     return state
 
 

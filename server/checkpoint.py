@@ -54,7 +54,7 @@ class ServerState:
     strategy: Strategy  # with its own state (FedAdam's moments, ...)
     momentum: ServerMomentum | None  # None: the strategy has a server optimizer of its own
     broadcast: Broadcast
-    selection: OverSelection | None = None  # how many to sample (None: a checkpoint from before it)
+    selection: OverSelection  # how many clients a round samples (federation.over_select)
 
 
 def save_checkpoint(path: Path, state: ServerState, config: Config) -> None:

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 from flwr.serverapp.strategy import Strategy
 
+from pollen.config import FederationConfig
+
 
 @dataclass
 class OverSelection:
@@ -28,6 +30,10 @@ class OverSelection:
     num_clients: int  # federation.num_clients: all online, a round samples sample_size() of them
     sampled: int = 0  # clients sampled in the rounds so far
     counted: int = 0  # of them, those whose update was aggregated
+
+    @classmethod
+    def of(cls, federation: FederationConfig) -> OverSelection:
+        return cls(federation.clients_per_round, federation.most_sampled, federation.num_clients)
 
     def sample_size(self) -> int:
         """How many clients the next round samples when all are online."""

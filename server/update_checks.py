@@ -184,7 +184,7 @@ def opposed(updates: list[Update], min_cosine: float) -> dict[int, float]:
     if ahead.sum() == behind.sum():
         return {}
     if behind.sum() > ahead.sum():
-        ahead, behind = behind, ahead
+        behind = ahead
     majority = ~behind
     shared = matrix[np.ix_(majority, majority)]
     if majority.sum() < 2 or (shared.sum() - majority.sum()) <= 0:  # the sum of its pairwise cosines

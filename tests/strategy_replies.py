@@ -15,6 +15,7 @@ from pollen.config import Config, load_config
 from pollen.server.app import RoundOutcome, run_round
 from pollen.server.broadcast import Broadcast
 from pollen.server.checkpoint import ServerState
+from pollen.server.over_selection import OverSelection
 from pollen.server.update_checks import UpdateChecks
 from pollen.strategies import make_strategy
 
@@ -107,7 +108,7 @@ def pollen_state(strategy, arrays: dict, momentum=None, downlink=None) -> Server
     """A server at round 0 holding ``arrays``; ``downlink`` a step codec (None: dense fp32)."""
     start = {k: np.asarray(v) for k, v in arrays.items()}
     return ServerState(round=0, arrays=record_of(start), strategy=strategy, momentum=momentum,
-                       broadcast=Broadcast(downlink, start))
+                       broadcast=Broadcast(downlink, start), selection=OverSelection(1, 1, 1))  # off
 
 
 def pollen_round(state: ServerState, deltas: list[dict], sizes: list[float], codec=None,
