@@ -286,8 +286,8 @@ def _ranking(flat: np.ndarray, layout: Layout, codec: TopK,
     return magnitude * rms + magnitude * 1e-200
 
 
-def _top(values: np.ndarray, k: int) -> np.ndarray:
-    """Positions of the k largest magnitudes among the nonzero entries, sorted."""
+def largest(values: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the k largest magnitudes among the nonzero entries of a flat array, sorted."""
     k = min(k, int(np.count_nonzero(values)))
     if k == 0:
         return np.zeros(0, np.int64)
@@ -298,8 +298,8 @@ def _top(values: np.ndarray, k: int) -> np.ndarray:
 
 def _select(flat: np.ndarray, offsets: np.ndarray, codec: TopK) -> np.ndarray:
     if codec.scope == "model":
-        return _top(flat, _kept(flat.size, codec.density))
-    parts = [start + _top(flat[start:end], _kept(int(end - start), codec.density))
+        return largest(flat, _kept(flat.size, codec.density))
+    parts = [start + largest(flat[start:end], _kept(int(end - start), codec.density))
              for start, end in zip(offsets[:-1], offsets[1:])]
     return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 

@@ -291,9 +291,12 @@ class DownlinkConfig:
     name: str = "delta"  # delta: the steps, or their sum, since the client's version | identity: dense fp32
     density: float = 1.0  # share of each tensor's global change per step; the rest waits on the server
     bits: int = 8  # bits per value of a step
+    budget: float = 1.0  # most entries the global model may differ from the initial one in, as a share
 
     def check(self) -> None:
         _one_of("downlink.name", self.name, ("delta", "identity"))
+        if not 0.0 < self.budget <= 1.0:
+            raise ConfigError(f"downlink.budget: must be in (0, 1], got {self.budget}")
         if not 0.0 < self.density <= 1.0:
             raise ConfigError(f"downlink.density: must be in (0, 1], got {self.density}")
         if not 2 <= self.bits <= 8:

@@ -7,7 +7,8 @@ the steps v+1..t. A client gets one of
     chain   the steps it lacks, each a ``pollen.codec`` TopK payload ("step-<v>"):
             exact, cheapest when it missed a step or two
     sum     their sum as ONE payload ("sum"): the change since its version on the
-            union of the steps' supports, 8 bits with a scale per block of 256;
+            union of the steps' supports, at the steps' bits with a scale per block
+            of 256 (``sum_codec``);
             from version 0 it is the change since the initial arrays, so a first
             contact (or a client whose version is unknown) costs what changed, not
             the whole arrays
@@ -34,7 +35,6 @@ from flwr.app import Array, ArrayRecord
 
 from pollen.codec import CodecError, Layout, TopK, decode, encode
 
-SUM = TopK(density=1.0, bits=8, block=256)  # top-k at density 1 keeps the nonzero entries only
 PREFIX = "downlink."
 KINDS = ("chain", "sum")
 
@@ -50,6 +50,11 @@ def arrays_crc(arrays: Mapping[str, np.ndarray]) -> int:
         crc = zlib.crc32(name.encode(), crc)
         crc = zlib.crc32(np.ascontiguousarray(value, dtype=np.float32).tobytes(), crc)
     return crc
+
+
+def sum_codec(step_codec: TopK) -> TopK:
+    """How a sum is coded: every nonzero entry (top-k at density 1), at the steps' bits, a scale per 256 values."""
+    return TopK(density=1.0, bits=step_codec.bits, block=256)
 
 
 def step_name(version: int) -> str:
@@ -70,10 +75,10 @@ def chain_message(steps: Mapping[int, ArrayRecord], base: int, version: int,
     return record, _entries("chain", base, version, base_crc)
 
 
-def sum_message(change: Mapping[str, np.ndarray], base: int, version: int,
+def sum_message(change: Mapping[str, np.ndarray], base: int, version: int, step_codec: TopK,
                 base_crc: int | None = None) -> tuple[ArrayRecord, dict]:
     """(payload, config entries) carrying ``change`` = version's arrays - base's, as one payload."""
-    record = ArrayRecord({"sum": encode(change, SUM)["update"]})
+    record = ArrayRecord({"sum": encode(change, sum_codec(step_codec))["update"]})
     return record, _entries("sum", base, version, base_crc)
 
 
@@ -104,7 +109,7 @@ def rebuild(record: ArrayRecord, config: Mapping, layout: Layout, step_codec: To
     arrays = {name: np.array(value, dtype=np.float32) for name, value in held.items()}
     try:
         for blob in record.values():
-            for tensor, change in decode(_blob(blob), layout, step_codec if kind == "chain" else SUM).items():
+            for tensor, change in decode(_blob(blob), layout, step_codec if kind == "chain" else sum_codec(step_codec)).items():
                 arrays[tensor] += change
     except CodecError as error:
         raise DownlinkError(f"bad downlink payload: {error}") from None

@@ -253,7 +253,7 @@ def new_state(config: Config) -> ServerState:
     else:
         momentum = ServerMomentum(fed.server_learning_rate, fed.server_momentum, fed.server_decay, fed.rounds)
     return ServerState(round=0, arrays=ArrayRecord({name: Array(value) for name, value in start.items()}),
-                       strategy=strategy, momentum=momentum, broadcast=Broadcast(config.downlink.build(), start),
+                       strategy=strategy, momentum=momentum, broadcast=Broadcast(config.downlink.build(), start, config.downlink.budget),
                        selection=OverSelection.of(fed))
 
 

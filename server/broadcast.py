@@ -3,7 +3,12 @@
 The global trainable arrays move by one compressed step per round: the arrays
 proposed by the strategy (and the server's optimizer step) minus the current ones,
 plus what earlier steps left out (server-side error feedback), encoded with the
-downlink codec. The global model is the sum of the decoded steps, so every client
+downlink codec. With a ``budget`` < 1 the step heads only for the largest
+``budget`` share of the whole change since the initial arrays (the rest waits on
+the server, as above), so the global model differs from the initial arrays in no more
+entries than that (give or take the half quantization level a step leaves where it
+moves an entry back), and a first contact, most messages when a tenth of the clients
+take part each round, costs no more. The global model is the sum of the decoded steps, so every client
 that holds version v rebuilds version t from steps v+1..t, and nothing the
 strategy asked for is lost, only delayed. The server's momentum velocity never
 travels: with ``downlink.density`` < 1 a step is the top share of (velocity-driven)
@@ -27,20 +32,24 @@ from collections.abc import Iterable
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
-from pollen.codec import TopK, decode, decode_sparse, encode, layout_of, wire_bytes
-from pollen.downlink import SUM, arrays_crc, chain_message, sum_message
+from pollen.codec import TopK, decode, decode_sparse, encode, largest, layout_of, wire_bytes
+from pollen.downlink import arrays_crc, chain_message, sum_codec, sum_message
 
 Payload = tuple[ArrayRecord, dict, int]  # record, config entries, bytes on the wire
 
 
 class Broadcast:
-    """``Broadcast(TopK(density=1.0), initial_arrays)``: versioned global arrays, sent compactly."""
+    """``Broadcast(TopK(density=1.0), initial_arrays, budget=1.0)``: versioned global arrays, sent compactly."""
 
     SUM_SAVES = 0.1  # a sum, which is not exact, must save this share of the cheapest chain
     KEEP_WHOLES = 4  # steps kept for sums from older versions, in whole arrays' worth of bytes
+    budget = 1.0  # what a broadcast from a checkpoint written before budgets had (no cap)
 
-    def __init__(self, codec: TopK | None, initial: dict[str, np.ndarray]) -> None:
+    def __init__(self, codec: TopK | None, initial: dict[str, np.ndarray], budget: float = 1.0) -> None:
+        if not 0.0 < budget <= 1.0:
+            raise ValueError(f"budget must be in (0, 1], got {budget}")
         self.codec = codec
+        self.budget = budget  # most entries the global arrays may differ from the initial ones in, as a share
         self.version = 0
         self.steps: dict[int, ArrayRecord] = {}  # version -> encoded step that produced it
         self._step_bytes: dict[int, int] = {}  # version -> that step's bytes on the wire
@@ -51,7 +60,7 @@ class Broadcast:
         self._residual = {name: np.zeros_like(value) for name, value in self._initial.items()}
         self._base_crc = arrays_crc(initial)
         # Steps kept: while they add up to less than a few times the whole arrays at 8 bits.
-        whole = wire_bytes(encode({n: np.ones_like(v) for n, v in self._initial.items()}, SUM))
+        whole = wire_bytes(encode({n: np.ones_like(v) for n, v in self._initial.items()}, sum_codec(codec or TopK())))
         self._keep_bytes = self.KEEP_WHOLES * whole
 
     def address(self, messages: Iterable[Message], arrays: ArrayRecord) -> list[Message]:
@@ -108,17 +117,32 @@ class Broadcast:
         if self.codec is None:
             return proposed
         now = {name: array.numpy() for name, array in current.items()}
-        step = {name: proposed[name].numpy().astype(np.float32) - now[name] + self._residual[name]
-                for name in now}
-        payload = encode(step, self.codec)
+        # Everything asked for so far: the proposal plus what earlier steps left out.
+        wanted = {name: proposed[name].numpy().astype(np.float32) + self._residual[name] for name in now}
+        target = self._within_budget(wanted)
+        payload = encode({name: target[name] - now[name] for name in now}, self.codec)
         sent = decode(payload, layout_of(now), self.codec)
-        self._residual = {name: step[name] - sent[name] for name in now}
+        self._residual = {name: wanted[name] - now[name] - sent[name] for name in now}
         self.version += 1
         self.steps[self.version] = payload
         self._step_bytes[self.version] = wire_bytes(payload)
         self._payloads.clear()  # every payload now ends one step later
         self._forget_old_steps()
         return ArrayRecord({name: Array(np.ascontiguousarray(now[name] + sent[name], dtype=np.float32)) for name in now})
+
+    def _within_budget(self, wanted: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The initial arrays plus the largest ``budget`` share of the change towards ``wanted`` (model-wide)."""
+        if self.budget == 1.0:
+            return wanted
+        change = np.concatenate([(wanted[name] - start).ravel() for name, start in self._initial.items()])
+        keep = np.zeros(change.size, bool)
+        keep[largest(change, round(self.budget * change.size))] = True
+        out, offset = {}, 0
+        for name, start in self._initial.items():
+            kept = keep[offset:offset + start.size].reshape(start.shape)
+            out[name] = np.where(kept, wanted[name], start)
+            offset += start.size
+        return out
 
     def _kept_bases(self) -> range:
         """Versions a chain or a sum can start from: 0 and those whose later steps are all kept."""
@@ -132,7 +156,7 @@ class Broadcast:
             if kind == "chain":
                 record, entries = chain_message(self.steps, base, self.version, crc)
             else:
-                record, entries = sum_message(self._change_since(base, arrays), base, self.version, crc)
+                record, entries = sum_message(self._change_since(base, arrays), base, self.version, self.codec, crc)
             self._payloads[kind, base] = (record, entries, wire_bytes(record))
         return self._payloads[kind, base]
 

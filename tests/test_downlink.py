@@ -7,7 +7,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from pollen.client.global_copy import GlobalCopy
 from pollen.codec import Identity, TopK, encode, wire_bytes
-from pollen.downlink import SUM, DownlinkError, arrays_crc, chain_message, rebuild, sum_message
+from pollen.downlink import DownlinkError, arrays_crc, chain_message, rebuild, sum_codec, sum_message
 from pollen.server.broadcast import Broadcast
 from strategy_replies import pollen_round, pollen_state, sampling
 
@@ -151,7 +151,7 @@ def test_a_first_contact_costs_what_changed_not_the_whole_arrays():
     broadcast = Broadcast(TopK(density=1.0), INITIAL)
     current = advanced(broadcast, as_record(INITIAL), 3, density=0.02)
     (message,) = send(broadcast, [5], numpy(current))
-    whole, _ = sum_message({k: v + 1 for k, v in INITIAL.items()}, 0, 3)  # every entry changed
+    whole, _ = sum_message({k: v + 1 for k, v in INITIAL.items()}, 0, 3, broadcast.codec)  # every entry changed
     assert wire_bytes(message.content["arrays"]) < wire_bytes(whole) / 3
     rebuilt = GlobalCopy(RecordDict(), lambda: INITIAL, broadcast.codec).receive(
         message.content["arrays"], message.content["config"])
@@ -181,14 +181,19 @@ def test_client_refuses_steps_that_do_not_fit_what_it_holds():
     assert np.array_equal(rebuild(record, config, LAYOUT, codec, INITIAL, 0)[0]["w"], current["w"].numpy())
 
 
-def test_sum_message_round_trip():
+@pytest.mark.parametrize("bits", [8, 4])
+def test_sum_message_round_trip_at_the_steps_bits(bits):
+    steps = TopK(density=0.01, bits=bits)
     change = nudged({k: np.zeros_like(v) for k, v in INITIAL.items()}, density=0.1)
-    record, config = sum_message(change, 2, 7)
-    arrays, version = rebuild(record, config, LAYOUT, TopK(density=0.01), INITIAL, 2)
+    record, config = sum_message(change, 2, 7, steps)
+    arrays, version = rebuild(record, config, LAYOUT, steps, INITIAL, 2)
     assert version == 7 and list(record) == ["sum"]
+    levels = 2 ** (bits - 1) - 1
     for k in INITIAL:
-        np.testing.assert_allclose(arrays[k], INITIAL[k] + change[k], atol=np.abs(change[k]).max() / 127)
-    assert SUM.bits == 8 and SUM.density == 1.0
+        np.testing.assert_allclose(arrays[k], INITIAL[k] + change[k], atol=np.abs(change[k]).max() / levels)
+    assert sum_codec(steps) == TopK(density=1.0, bits=bits, block=256)
+    four_bits = wire_bytes(sum_message(change, 2, 7, TopK(bits=4))[0])
+    assert four_bits < 0.8 * wire_bytes(sum_message(change, 2, 7, TopK(bits=8))[0])
 
 
 def test_dense_global_arrays_are_checked_by_the_client():
@@ -223,8 +228,47 @@ def test_a_flipped_bit_in_a_step_or_a_sum_is_refused_by_its_crc(bit):
     broadcast = Broadcast(TopK(density=1.0), INITIAL)
     broadcast.advance(as_record(INITIAL), as_record(nudged(INITIAL)))
     chain, chain_config = chain_message(broadcast.steps, 0, 1, arrays_crc(INITIAL))
-    summed, sum_config = sum_message(INITIAL, 0, 1, arrays_crc(INITIAL))
+    summed, sum_config = sum_message(INITIAL, 0, 1, broadcast.codec, arrays_crc(INITIAL))
     for record, config, key in ((chain, chain_config, "step-1"), (summed, sum_config, "sum")):
         bad = ArrayRecord({key: flipped(record[key], bit)})
         with pytest.raises(DownlinkError, match="bad downlink payload: .*(CRC-32|magic|version)"):
             rebuild(bad, config, LAYOUT, broadcast.codec, INITIAL, 0)
+
+
+def changed_entries(arrays, start) -> int:
+    """Entries that moved by more than a step's quantization leaves behind where it moves one back."""
+    moved = np.concatenate([np.abs(arrays[k].numpy() - start[k]).ravel() for k in start])
+    return int(np.count_nonzero(moved > moved.max() / 100))
+
+
+def test_a_budget_caps_the_entries_the_global_model_changes_and_keeps_the_rest_on_the_server():
+    size = sum(v.size for v in INITIAL.values())
+    broadcast = Broadcast(TopK(density=1.0), INITIAL, budget=0.1)
+    current, asked = as_record(INITIAL), {k: np.zeros_like(v) for k, v in INITIAL.items()}
+    for _ in range(4):  # dense proposals: every entry wants to move
+        change = {k: (0.01 * rng.normal(size=v.shape)).astype(np.float32) for k, v in INITIAL.items()}
+        asked = {k: asked[k] + change[k] for k in INITIAL}
+        current = broadcast.advance(current, as_record({k: current[k].numpy() + change[k] for k in INITIAL}))
+        assert changed_entries(current, INITIAL) <= 0.1 * size
+    moved = {k: current[k].numpy() - INITIAL[k] for k in INITIAL}
+    for k in INITIAL:  # nothing asked for is lost: what did not move waits in the server's residual
+        np.testing.assert_allclose(moved[k] + broadcast._residual[k], asked[k], atol=1e-5)
+    flat_moved = np.concatenate([np.abs(moved[k]).ravel() for k in INITIAL])
+    flat_asked = np.concatenate([np.abs(asked[k]).ravel() for k in INITIAL])
+    largest_asked = np.argsort(flat_asked)[-round(0.1 * size):]  # the largest changes are the ones made
+    assert set(np.flatnonzero(flat_moved > flat_moved.max() / 100)) == set(largest_asked)
+    (first,) = send(broadcast, [9], numpy(current))
+    capped = wire_bytes(first.content["arrays"])
+    rebuilt = GlobalCopy(RecordDict(), lambda: INITIAL, broadcast.codec).receive(
+        first.content["arrays"], first.content["config"])
+    within_a_quantization_step(rebuilt, current, INITIAL)
+    free = Broadcast(TopK(density=1.0), INITIAL)
+    unbounded = free.advance(as_record(INITIAL), as_record({k: INITIAL[k] + asked[k] for k in INITIAL}))
+    (first,) = send(free, [9], numpy(unbounded))
+    assert capped < wire_bytes(first.content["arrays"]) / 3
+
+
+def test_a_budget_is_a_share_in_0_1():
+    for budget in (0.0, 1.5):
+        with pytest.raises(ValueError, match="budget must be in"):
+            Broadcast(TopK(), INITIAL, budget=budget)
