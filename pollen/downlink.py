@@ -105,11 +105,12 @@ def rebuild(record: ArrayRecord, config: Mapping, layout: Layout, step_codec: To
     if base > version:
         raise DownlinkError(f"bad version range {base}..{version}")
     names = [step_name(v) for v in range(base + 1, version + 1)] if kind == "chain" else ["sum"]
+    codec = step_codec if kind == "chain" else sum_codec(step_codec)
     _expect_keys(record, names)
     arrays = {name: np.array(value, dtype=np.float32) for name, value in held.items()}
     try:
         for blob in record.values():
-            for tensor, change in decode(_blob(blob), layout, step_codec if kind == "chain" else sum_codec(step_codec)).items():
+            for tensor, change in decode(_blob(blob), layout, codec).items():
                 arrays[tensor] += change
     except CodecError as error:
         raise DownlinkError(f"bad downlink payload: {error}") from None

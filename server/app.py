@@ -252,8 +252,9 @@ def new_state(config: Config) -> ServerState:
         log(INFO, "%s has a server optimizer of its own: federation.server_* do not apply", fed.strategy)
     else:
         momentum = ServerMomentum(fed.server_learning_rate, fed.server_momentum, fed.server_decay, fed.rounds)
+    broadcast = Broadcast(config.downlink.build(), start, config.downlink.budget)
     return ServerState(round=0, arrays=ArrayRecord({name: Array(value) for name, value in start.items()}),
-                       strategy=strategy, momentum=momentum, broadcast=Broadcast(config.downlink.build(), start, config.downlink.budget),
+                       strategy=strategy, momentum=momentum, broadcast=broadcast,
                        selection=OverSelection.of(fed))
 
 
