@@ -67,6 +67,9 @@ class LoraSettings:
     # "auto": peft's default for a Hugging Face model's family, every linear map of the
     # base for a torch model; "all-linear"; or module names, comma-separated ("query,value").
     target_modules: str = "auto"
+    # false: A stays at its seeded initial value and only B trains (FFA-LoRA, Sun et al. 2024), so that
+    # averaging the clients' B is exactly averaging their products B·A; it also halves what travels.
+    train_a: bool = True
 
     def check(self) -> None:
         _at_least("model.lora.r", self.r, 1)

@@ -167,7 +167,7 @@ def build_model(config: ModelConfig, num_classes: int, seed: int = 0) -> nn.Modu
         param.requires_grad = (
             config.trainable == "full"
             or in_head(name)
-            or (config.trainable == "lora" and "lora_" in name)
+            or (config.trainable == "lora" and "lora_" in name and (config.lora.train_a or "lora_A" not in name))
         )
     # BatchNorm statistics are not federated: keep them frozen (eval mode) everywhere.
     return model.eval()

@@ -48,6 +48,26 @@ def test_trainable_parts_follow_the_mode():
     assert len(trainable_arrays(full)) == len(list(full.parameters()))
 
 
+def test_frozen_a_trains_b_only_from_the_same_seeded_a():
+    from pollen.client.training import train_locally
+    from pollen.config import TrainConfig
+    from pollen.data import Split
+
+    frozen_a = build_model(dataclasses.replace(TINY, lora=dataclasses.replace(TINY.lora, train_a=False)), 10, seed=3)
+    names = set(trainable_arrays(frozen_a))
+    assert not any("lora_A" in n for n in names) and any("lora_B" in n for n in names)
+    assert {"head.weight", "head.bias"} < names
+    a_of = lambda model: {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
+    before = a_of(frozen_a)
+    assert before and all(torch.equal(before[n], a) for n, a in a_of(build_model(TINY, 10, seed=3)).items())
+    b_before = trainable_arrays(frozen_a)
+    data = Split(torch.randn(16, 3, 8, 8), torch.randint(0, 10, (16,)))
+    train_locally(frozen_a, data, TrainConfig(local_epochs=2, batch_size=8, lr=0.05))
+    assert all(torch.equal(before[n], a) for n, a in a_of(frozen_a).items())  # A: shared by all, never moves
+    b_after = trainable_arrays(frozen_a)
+    assert any(not np.array_equal(b_before[n], b_after[n]) for n in names if "lora_B" in n)
+
+
 def test_initial_trainable_arrays_depend_on_seed_but_base_does_not():
     a, b, c = (build_model(TINY, 10, seed=s) for s in (0, 0, 1))
     assert all(np.array_equal(x, y) for x, y in zip(trainable_arrays(a).values(), trainable_arrays(b).values()))
