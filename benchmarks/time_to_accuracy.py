@@ -1,13 +1,18 @@
-"""Time-to-accuracy on slow links: dense fp32 vs compressed updates on 1 Mbit/s uplinks.
+"""Time to accuracy on slow links, against the physical limit: dense fp32 both ways vs compressed runs.
 
-The same federation (default model, same partitions, sampling and seeds) runs three times
-on the device fleet of ``simulations/configs/devices-slow-uplink.yaml``: sending dense
-fp32 updates, top-k 1% with 8-bit values, and the same top-k ranked by salience. Prints
-JSON: per codec the simulated device time to reach each accuracy target, final accuracy
-and uplink MB, and the speed-up of each compressed run over dense at every target both
-reached.
+The same federation (default model, same partitions, sampling and seed) runs on each
+device fleet (``--fleets``; ``simulations/configs/devices-<name>.yaml``): dense fp32 in
+both directions, and each compressed setting of ``RUNS``. For every accuracy target it
+prints the simulated device time each run needs, and against dense:
 
-    python benchmarks/time_to_accuracy.py [--rounds 12] [--targets 0.5 0.7 0.8]
+    speedup         dense's time to the target / the run's
+    limit           dense's time to the target / the compute-only time of those same rounds
+                    (each round's slowest training without its bytes): no codec that keeps
+                    the rounds can be faster, since it cannot make training shorter
+    share_of_limit  speedup / limit
+
+    python benchmarks/time_to_accuracy.py [--rounds 12] [--targets 0.4 0.6 0.7] \
+        [--fleets slow-uplink iot] [--runs dense default budget] [--threads 2]
 """
 
 from __future__ import annotations
@@ -25,43 +30,70 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from pollen.config import load_config  # noqa: E402
-from pollen.simulations.report import time_to_accuracy  # noqa: E402
+from pollen.simulations.report import first_reaching  # noqa: E402
 from pollen.simulations.run import run_in_process  # noqa: E402
 
-TOPK = ["codec.name=topk", "codec.density=0.01", "codec.bits=8"]
-CODECS = {"dense": ["codec.name=identity"], "topk-1%-8bit": [*TOPK, "codec.select=magnitude"],
-          "topk-1%-8bit-salience": [*TOPK, "codec.select=salience"]}
+RUNS = {
+    "dense": ["codec.name=identity", "downlink.name=identity"],
+    "default": [],  # top-k 1%, 8-bit up; the delta downlink
+    "budget": ["downlink.budget=0.1", "downlink.bits=4"],  # the global model changes in at most 10% of entries
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=12)
-    parser.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.7, 0.8])
+    parser.add_argument("--targets", type=float, nargs="+", default=[0.4, 0.6, 0.7])
+    parser.add_argument("--fleets", nargs="+", default=["slow-uplink", "iot"])
+    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     logging.getLogger("flwr").setLevel(logging.WARNING)
-    torch.set_num_threads(2)
-    runs = {}
-    for name, codec in CODECS.items():
-        config = load_config(overrides=[
-            f"federation.rounds={args.rounds}", "model.image_size=32",
-            f"simulation.devices={ROOT / 'simulations/configs/devices-slow-uplink.yaml'}", *codec])
-        with tempfile.TemporaryDirectory() as folder:
-            records = run_in_process(config, Path(folder))
-        runs[name] = {
-            "seconds_to": {str(t): time_to_accuracy(records, t) for t in args.targets},
-            "final_accuracy": round(records[-1].accuracy, 4),
-            "simulated_minutes": round(records[-1].simulated_seconds / 60, 2),
-            "uplink_mb": round(sum(r.uplink_bytes for r in records) / 1e6, 3),
-            "downlink_mb": round(sum(r.downlink_bytes for r in records) / 1e6, 3),
-            "mean_simulated_round_seconds": round(records[-1].simulated_seconds / args.rounds, 2),
-        }
+    torch.set_num_threads(args.threads)
+    names = ["dense"] + [name for name in args.runs if name != "dense"]
+    report = {"rounds": args.rounds, "clients": "100, 10 per round", "fleets": {}}
+    for fleet in args.fleets:
+        runs = {}
+        for name in names:
+            config = load_config(overrides=[
+                f"federation.rounds={args.rounds}", "model.image_size=32",
+                f"simulation.devices={ROOT / 'simulations/configs' / f'devices-{fleet}.yaml'}",
+                *args.overrides, *RUNS[name]])
+            with tempfile.TemporaryDirectory() as folder:
+                records = run_in_process(config, Path(folder))
+            reached = {t: first_reaching(records, t) for t in args.targets}
+            runs[name] = {
+                "seconds_to": {str(t): r and round(r.simulated_seconds, 1) for t, r in reached.items()},
+                "rounds_to": {str(t): r and r.round for t, r in reached.items()},
+                "compute_seconds_to": {str(t): r and round(r.simulated_compute_seconds, 1) for t, r in reached.items()},
+                "final_accuracy": round(records[-1].accuracy, 4),
+                "uplink_mb": round(sum(r.uplink_bytes for r in records) / 1e6, 3),
+                "downlink_mb": round(sum(r.downlink_bytes for r in records) / 1e6, 3),
+            }
+            print(fleet, name, json.dumps(runs[name]), file=sys.stderr, flush=True)
+        report["fleets"][fleet] = {"runs": runs, "against_dense": against_dense(runs, args.targets)}
+    print(json.dumps(report, indent=2))
+
+
+def against_dense(runs: dict, targets: list[float]) -> dict:
+    """Per compressed run and target: speed-up over dense, the limit, and the share of it reached."""
     dense = runs["dense"]
-    speedup = {name: {t: round(dense["seconds_to"][t] / run["seconds_to"][t], 2)
-                      for t in dense["seconds_to"] if dense["seconds_to"][t] and run["seconds_to"][t]}
-               for name, run in runs.items() if name != "dense"}
-    print(json.dumps({"devices": "1 Mbit/s up, 10 Mbit/s down, 100 examples/s", "rounds": args.rounds,
-                      "clients": "100, 10 per round", "runs": runs,
-                      "time_to_accuracy_speedup_compressed_vs_dense": speedup}, indent=2))
+    out = {}
+    for name, run in runs.items():
+        if name == "dense":
+            continue
+        out[name] = {}
+        for t in map(str, targets):
+            dense_seconds, dense_compute = dense["seconds_to"][t], dense["compute_seconds_to"][t]
+            seconds = run["seconds_to"][t]
+            if not (dense_seconds and dense_compute and seconds):
+                out[name][t] = None  # a run never reached the target (or reached it in round 0)
+                continue
+            speedup, limit = dense_seconds / seconds, dense_seconds / dense_compute
+            out[name][t] = {"speedup": round(speedup, 2), "limit": round(limit, 2),
+                            "share_of_limit": round(speedup / limit, 3)}
+    return out
 
 
 if __name__ == "__main__":

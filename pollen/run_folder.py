@@ -55,10 +55,12 @@ class RoundRecord:
     round_seconds: float
     wall_seconds: float  # since the run started
     # Simulated devices (None when the run has no device profiles): the clock of the
-    # device model since the start, this round's share of it, and the sampled clients
-    # that dropped out or missed the round deadline.
+    # device model since the start, this round's share of it, the clock of the same rounds'
+    # training alone (each round's slowest reply in time without its bytes), and the sampled
+    # clients that dropped out or missed the round deadline.
     simulated_seconds: float | None = None
     simulated_round_seconds: float | None = None
+    simulated_compute_seconds: float | None = None
     dropouts: int = 0
     stragglers: int = 0
     federated_accuracy: float | None = None  # clients' evaluation on their own data (fraction_evaluate > 0)

@@ -141,9 +141,12 @@ class DevicePopulation:
     def seconds(self, node_id: int, downlink_bytes: int, examples: float, uplink_bytes: int) -> float:
         """Simulated time from the message leaving the server to the reply arriving."""
         i = node_id - 1
-        return (downlink_bytes / self.downlink_bytes_per_second[i]
-                + examples / (self.fleet.examples_per_second * self.compute_speed[i])
+        return (downlink_bytes / self.downlink_bytes_per_second[i] + self.compute_seconds(node_id, examples)
                 + uplink_bytes / self.uplink_bytes_per_second[i])
+
+    def compute_seconds(self, node_id: int, examples: float) -> float:
+        """The training part of a reply's time."""
+        return examples / (self.fleet.examples_per_second * self.compute_speed[node_id - 1])
 
 
 @dataclass
@@ -151,6 +154,7 @@ class RoundTiming:
     """What the device model did in one training round."""
 
     seconds: float = 0.0  # simulated duration: slowest reply in time, or the deadline
+    compute_seconds: float = 0.0  # the slowest of those replies' training alone: no round is shorter
     sampled: list[int] = field(default_factory=list)
     dropouts: list[int] = field(default_factory=list)
     stragglers: list[int] = field(default_factory=list)  # replied after the deadline (or the client timeout)
@@ -175,6 +179,7 @@ class DeviceGrid(GridWrapper):
         self.log_path = log_path
         self.rounds: dict[int, RoundTiming] = {}
         self.clock = 0.0  # simulated seconds since the start of the run
+        self.compute_clock = 0.0  # the same rounds' training alone: what no codec can make shorter
         self._draws = 0
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
@@ -232,7 +237,7 @@ class DeviceGrid(GridWrapper):
             if self.population is None or request is None or reply.has_error():
                 out.append(reply)
                 continue
-            seconds = self._reply_seconds(reply, node_of[id(request)], downlink[id(request)])
+            seconds, compute = self._reply_seconds(reply, node_of[id(request)], downlink[id(request)])
             if self.deadline and seconds > self.deadline:
                 timing.stragglers.append(node_of[id(request)])
                 out.append(_error_reply(request, ErrorCode.REPLY_MESSAGE_UNAVAILABLE,
@@ -240,11 +245,13 @@ class DeviceGrid(GridWrapper):
                                         f"{self.deadline:g} s (simulated device)"))
                 continue
             finished.append(seconds)
+            timing.compute_seconds = max(timing.compute_seconds, compute)
             out.append(reply)
         timing.stragglers.sort()
         if self.population is not None:
             timing.seconds = self.deadline if self.deadline and timing.stragglers else max(finished, default=0.0)
             self.clock += timing.seconds
+            self.compute_clock += timing.compute_seconds
         return out
 
     def finish_round(self, server_round: int) -> dict:
@@ -255,7 +262,7 @@ class DeviceGrid(GridWrapper):
         """
         if server_round in self.rounds and self.log_path is not None:
             line = {"round": server_round, **self.rounds[server_round].__dict__, "clock": self.clock,
-                    "draws": self._draws}
+                    "compute_clock": self.compute_clock, "draws": self._draws}
             with self.log_path.open("a") as handle:
                 handle.write(json.dumps(line) + "\n")
         return self.record_fields(server_round)
@@ -273,6 +280,7 @@ class DeviceGrid(GridWrapper):
             raise CheckpointError(f"{self.log_path}: no entry for round {server_round}; "
                                   "the run cannot be resumed exactly")
         self.clock, self._draws = float(last["clock"]), int(last["draws"])
+        self.compute_clock = float(last.get("compute_clock", 0.0))  # absent in logs from before it
 
     def record_fields(self, server_round: int) -> dict:
         """Simulated-time fields of the run record for ``server_round`` (after its training)."""
@@ -281,6 +289,7 @@ class DeviceGrid(GridWrapper):
         return {
             "simulated_seconds": self.clock if simulated else None,
             "simulated_round_seconds": timing.seconds if simulated else None,
+            "simulated_compute_seconds": self.compute_clock if simulated else None,
             "dropouts": len(timing.dropouts),
             "stragglers": len(timing.stragglers),
         }
@@ -291,11 +300,13 @@ class DeviceGrid(GridWrapper):
         draw = np.random.default_rng([self.seed, 2, server_round, node_id]).random()
         return bool(draw < self.population.dropout[node_id - 1])
 
-    def _reply_seconds(self, reply: Message, node_id: int, downlink: int) -> float:
+    def _reply_seconds(self, reply: Message, node_id: int, downlink: int) -> tuple[float, float]:
+        """The reply's simulated time, and its training part."""
         metrics = next(iter(reply.content.metric_records.values()), {})
         examples = float(metrics.get("num-examples", 0)) * self.local_epochs
         uplink = sum(wire_bytes(r) for r in reply.content.array_records.values())
-        return self.population.seconds(node_id, downlink, examples, uplink)
+        return (self.population.seconds(node_id, downlink, examples, uplink),
+                self.population.compute_seconds(node_id, examples))
 
 
 def _error_reply(message: Message, code: int, reason: str) -> Message:

@@ -26,11 +26,17 @@ from pollen.run_folder import RoundRecord, round_trip_ratio
 
 def time_to_accuracy(records: list[RoundRecord], target: float) -> float | None:
     """Simulated seconds until central accuracy first reaches ``target`` (None: never, or no clock)."""
+    entry = first_reaching(records, target)
+    return None if entry is None else entry.simulated_seconds
+
+
+def first_reaching(records: list[RoundRecord], target: float) -> RoundRecord | None:
+    """The first round whose central accuracy reaches ``target`` (None: never, or the run has no clock)."""
     for entry in records:
         if entry.simulated_seconds is None:
             return None
         if entry.accuracy >= target:
-            return entry.simulated_seconds
+            return entry
     return None
 
 

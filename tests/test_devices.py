@@ -104,8 +104,11 @@ def test_the_clock_adds_downlink_compute_and_uplink_time(tmp_path, inner):
     compute = EXAMPLES * 2 / (100 * 0.5)
     up = wire_bytes(UPLINK) / (2e6 / 8)
     assert grid.rounds[1].seconds == pytest.approx(down + compute + up)
+    assert grid.rounds[1].compute_seconds == pytest.approx(compute)  # the bound no codec can beat
     train_round(grid, [4], server_round=2)
-    assert grid.record_fields(2)["simulated_seconds"] == pytest.approx(grid.rounds[1].seconds + grid.rounds[2].seconds)
+    fields = grid.record_fields(2)
+    assert fields["simulated_seconds"] == pytest.approx(grid.rounds[1].seconds + grid.rounds[2].seconds)
+    assert fields["simulated_compute_seconds"] == pytest.approx(2 * compute)
 
 
 def test_stragglers_miss_the_deadline_and_the_round_keeps_the_rest(tmp_path):
@@ -121,6 +124,7 @@ def test_stragglers_miss_the_deadline_and_the_round_keeps_the_rest(tmp_path):
     assert all(r.error.code == ErrorCode.REPLY_MESSAGE_UNAVAILABLE and "deadline" in r.error.reason
                for r in replies if r.has_error())
     assert grid.rounds[1].seconds == 5.0 and grid.record_fields(1)["stragglers"] == len(late)
+    assert grid.rounds[1].compute_seconds == pytest.approx(EXAMPLES * 2 / 100)  # of the replies in time
 
 
 def test_dropouts_never_reach_the_client_and_reply_node_unavailable(tmp_path):

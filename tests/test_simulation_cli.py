@@ -11,7 +11,7 @@ import pytest
 from pollen.cli import main
 from pollen.run_folder import RoundRecord, RunFolder
 from pollen.server.plot import plot_run
-from pollen.simulations.report import print_whole, round_line, round_table, time_to_accuracy
+from pollen.simulations.report import first_reaching, print_whole, round_line, round_table, time_to_accuracy
 
 TINY = "simulations/configs/tiny.yaml"
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,6 +30,7 @@ def test_time_to_accuracy_reads_the_simulated_clock():
     assert time_to_accuracy(records, 0.1) == 0.0
     assert time_to_accuracy(records, 0.9) is None
     assert time_to_accuracy([record(0, 0.9, None)], 0.5) is None  # no device model, no clock
+    assert first_reaching(records, 0.6) is records[2] and first_reaching(records, 0.9) is None
     assert round_line(records[2]).split()[-1] == "95"  # the sim s column, last
 
 
