@@ -3,12 +3,7 @@
 The global trainable arrays move by one compressed step per round: the arrays
 proposed by the strategy (and the server's optimizer step) minus the current ones,
 plus what earlier steps left out (server-side error feedback), encoded with the
-downlink codec. With a ``budget`` < 1 the step heads only for the largest
-``budget`` share of the whole change since the initial arrays (the rest waits on
-the server, as above), so the global model differs from the initial arrays in no more
-entries than that (give or take the half quantization level a step leaves where it
-moves an entry back), and a first contact, most messages when a tenth of the clients
-take part each round, costs no more. The global model is the sum of the decoded steps, so every client
+downlink codec. The global model is the sum of the decoded steps, so every client
 that holds version v rebuilds version t from steps v+1..t, and nothing the
 strategy asked for is lost, only delayed. The server's momentum velocity never
 travels: with ``downlink.density`` < 1 a step is the top share of (velocity-driven)
@@ -20,6 +15,14 @@ initial arrays (version 0, which every client can rebuild; also what a node of u
 version gets, whose last message got no good reply). Steps are kept while they add up
 to less than the whole arrays at 8 bits, so memory stays bounded however many rounds
 run; a node further behind gets the change since version 0.
+
+With a ``budget`` < 1 there are no steps: the global model is the initial arrays plus
+the largest ``budget`` share (model-wide) of everything asked for so far, coded once a
+round as one sum from version 0, and every node is sent that payload. What is left out
+waits on the server as above. The global model then differs from the initial arrays in
+at most that share of entries, exactly as the clients rebuild it, and no message costs
+more: with a tenth of the clients taking part each round most messages are first
+contacts, which otherwise carry the change on the union of every step's support.
 
 Without a step codec (``downlink.name: identity``) every message carries the dense
 fp32 arrays and the global arrays are the proposed ones.
@@ -82,8 +85,11 @@ class Broadcast:
         """What ``node`` lacks to hold ``arrays`` (the current global arrays).
 
         A chain is exact and a sum is not, so a sum is sent only when it saves a real
-        share (``SUM_SAVES``) of the cheapest chain's bytes.
+        share (``SUM_SAVES``) of the cheapest chain's bytes. Under a budget, every node gets
+        the round's one payload, the change since the initial arrays.
         """
+        if self.budget < 1.0:
+            return self._payload("sum", 0, arrays)[:2]
         base = self.node_versions.get(node, 0)
         bases = [base] if base and base in self._kept_bases() else []  # the node's own first: kept on a tie
         chains = [self._payload("chain", b, arrays) for b in bases + [0] if b in self._kept_bases()]
@@ -119,30 +125,35 @@ class Broadcast:
         now = {name: array.numpy() for name, array in current.items()}
         # Everything asked for so far: the proposal plus what earlier steps left out.
         wanted = {name: proposed[name].numpy().astype(np.float32) + self._residual[name] for name in now}
-        target = self._within_budget(wanted)
-        payload = encode({name: target[name] - now[name] for name in now}, self.codec)
-        sent = decode(payload, layout_of(now), self.codec)
-        self._residual = {name: wanted[name] - now[name] - sent[name] for name in now}
         self.version += 1
-        self.steps[self.version] = payload
-        self._step_bytes[self.version] = wire_bytes(payload)
-        self._payloads.clear()  # every payload now ends one step later
-        self._forget_old_steps()
-        return ArrayRecord({name: Array(np.ascontiguousarray(now[name] + sent[name], dtype=np.float32)) for name in now})
+        self._payloads.clear()  # every payload now ends one version later
+        if self.budget < 1.0:
+            new = self._within_budget(wanted)
+        else:
+            payload = encode({name: wanted[name] - now[name] for name in now}, self.codec)
+            sent = decode(payload, layout_of(now), self.codec)
+            new = {name: now[name] + sent[name] for name in now}
+            self.steps[self.version] = payload
+            self._step_bytes[self.version] = wire_bytes(payload)
+            self._forget_old_steps()
+        self._residual = {name: wanted[name] - new[name] for name in now}
+        return ArrayRecord({name: Array(np.ascontiguousarray(new[name], dtype=np.float32)) for name in now})
 
     def _within_budget(self, wanted: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The initial arrays plus the largest ``budget`` share of the change towards ``wanted`` (model-wide)."""
-        if self.budget == 1.0:
-            return wanted
-        change = np.concatenate([(wanted[name] - start).ravel() for name, start in self._initial.items()])
-        keep = np.zeros(change.size, bool)
-        keep[largest(change, round(self.budget * change.size))] = True
-        out, offset = {}, 0
-        for name, start in self._initial.items():
-            kept = keep[offset:offset + start.size].reshape(start.shape)
-            out[name] = np.where(kept, wanted[name], start)
-            offset += start.size
-        return out
+        """The initial arrays plus the largest ``budget`` share of the change towards ``wanted`` (model-wide),
+        as the clients rebuild it from this version's one payload, which is kept for ``payload_for``."""
+        change = {name: wanted[name] - start for name, start in self._initial.items()}
+        flat = np.concatenate([value.ravel() for value in change.values()])
+        keep = np.zeros(flat.size, bool)
+        keep[largest(flat, round(self.budget * flat.size))] = True
+        offset = 0
+        for name, value in change.items():
+            change[name] = np.where(keep[offset:offset + value.size].reshape(value.shape), value, np.float32(0))
+            offset += value.size
+        record, entries = sum_message(change, 0, self.version, self.codec, self._base_crc)
+        self._payloads["sum", 0] = (record, entries, wire_bytes(record))
+        sent = decode(ArrayRecord({"update": record["sum"]}), layout_of(change), sum_codec(self.codec))
+        return {name: start + sent[name] for name, start in self._initial.items()}
 
     def _kept_bases(self) -> range:
         """Versions a chain or a sum can start from: 0 and those whose later steps are all kept."""

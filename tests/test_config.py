@@ -59,6 +59,8 @@ def test_a_bad_flower_run_config_is_named(run_config, named):
     ("downlink.name=gzip", "downlink.name"),
     ("downlink.density=0", "downlink.density"),
     ("downlink.bits=1", "downlink.bits"),
+    ("downlink.budget=0", "downlink.budget"),
+    ("downlink.budget=1.5", "downlink.budget"),
     ("downlink.rate=2", "downlink.rate"),
     ("train.lr=0", "train.lr"),
     ("train.adam_eps=0", "train.adam_eps"),
@@ -108,3 +110,9 @@ def test_a_config_file_that_is_not_yaml_names_the_file_and_line(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match=r"^--set 'train.lr=\{': the value is not valid YAML"):
         load_config(overrides=["train.lr={"])
+
+
+def test_a_budgeted_downlink_sends_no_steps_so_a_step_density_is_refused():
+    with pytest.raises(ConfigError, match="downlink.density: a budgeted downlink"):
+        load_config(overrides=["downlink.budget=0.1", "downlink.density=0.5"])
+    assert load_config(overrides=["downlink.budget=0.1"]).downlink.budget == 0.1
