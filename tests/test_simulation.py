@@ -57,6 +57,15 @@ def test_same_seed_same_run(tiny_run, tmp_path):
     assert [r.uplink_bytes for r in again] == [r.uplink_bytes for r in records]
 
 
+def test_a_budgeted_downlink_learns_and_every_client_rebuilds_the_capped_model(tiny_run, tmp_path):
+    config, _, records = tiny_run
+    budgeted = load_config(TINY, ["downlink.budget=0.2", "downlink.bits=4"])
+    _, capped = simulate(budgeted, RunFolder(tmp_path))
+    assert all(entry.failed == 0 and entry.clients == config.federation.clients_per_round for entry in capped[1:])
+    assert capped[-1].accuracy > capped[0].accuracy + 0.15
+    assert sum(r.downlink_bytes for r in capped) < 0.6 * sum(r.downlink_bytes for r in records)
+
+
 def test_the_train_settings_reach_every_client_training(monkeypatch, tmp_path):
     import pollen.client.app
     seen = []
