@@ -125,23 +125,28 @@ class Broadcast:
         now = {name: array.numpy() for name, array in current.items()}
         # Everything asked for so far: the proposal plus what earlier steps left out.
         wanted = {name: proposed[name].numpy().astype(np.float32) + self._residual[name] for name in now}
-        self.version += 1
+        version = self.version + 1
+        if self.budget < 1.0:
+            new, payload = self._budgeted(wanted, version)
+        else:
+            step = encode({name: wanted[name] - now[name] for name in now}, self.codec)
+            sent = decode(step, layout_of(now), self.codec)
+            new = {name: now[name] + sent[name] for name in now}
+        # Computed without a change to this object, so that a round refused above leaves it as it was.
+        self.version = version
         self._payloads.clear()  # every payload now ends one version later
         if self.budget < 1.0:
-            new = self._within_budget(wanted)
+            self._payloads["sum", 0] = payload
         else:
-            payload = encode({name: wanted[name] - now[name] for name in now}, self.codec)
-            sent = decode(payload, layout_of(now), self.codec)
-            new = {name: now[name] + sent[name] for name in now}
-            self.steps[self.version] = payload
-            self._step_bytes[self.version] = wire_bytes(payload)
+            self.steps[version] = step
+            self._step_bytes[version] = wire_bytes(step)
             self._forget_old_steps()
         self._residual = {name: wanted[name] - new[name] for name in now}
         return ArrayRecord({name: Array(np.ascontiguousarray(new[name], dtype=np.float32)) for name in now})
 
-    def _within_budget(self, wanted: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _budgeted(self, wanted: dict[str, np.ndarray], version: int) -> tuple[dict[str, np.ndarray], Payload]:
         """The initial arrays plus the largest ``budget`` share of the change towards ``wanted`` (model-wide),
-        as the clients rebuild it from this version's one payload, which is kept for ``payload_for``."""
+        exactly as the clients rebuild them, and the payload they rebuild them from."""
         change = {name: wanted[name] - start for name, start in self._initial.items()}
         flat = np.concatenate([value.ravel() for value in change.values()])
         keep = np.zeros(flat.size, bool)
@@ -150,10 +155,10 @@ class Broadcast:
         for name, value in change.items():
             change[name] = np.where(keep[offset:offset + value.size].reshape(value.shape), value, np.float32(0))
             offset += value.size
-        record, entries = sum_message(change, 0, self.version, self.codec, self._base_crc)
-        self._payloads["sum", 0] = (record, entries, wire_bytes(record))
+        record, entries = sum_message(change, 0, version, self.codec, self._base_crc)
         sent = decode(ArrayRecord({"update": record["sum"]}), layout_of(change), sum_codec(self.codec))
-        return {name: start + sent[name] for name, start in self._initial.items()}
+        new = {name: start + sent[name] for name, start in self._initial.items()}
+        return new, (record, entries, wire_bytes(record))
 
     def _kept_bases(self) -> range:
         """Versions a chain or a sum can start from: 0 and those whose later steps are all kept."""
