@@ -47,7 +47,7 @@ class GlobalCopy:
             held, version = dict(self.initial()), 0
         else:
             held, version = self.held()
-        arrays, version = rebuild(record, config, layout, self.step_codec, held, version)
+        arrays, version = rebuild(record, config, layout, self.step_codec, held, version, self.initial())
         self.state[self.ARRAYS] = ArrayRecord({name: Array(np.ascontiguousarray(value, dtype=np.float32))
                                                for name, value in arrays.items()})
         self.state[self.VERSION] = ConfigRecord({"version": version})

@@ -300,9 +300,6 @@ class DownlinkConfig:
         _one_of("downlink.name", self.name, ("delta", "identity"))
         if not 0.0 < self.budget <= 1.0:
             raise ConfigError(f"downlink.budget: must be in (0, 1], got {self.budget}")
-        if self.budget < 1.0 and self.density < 1.0:
-            raise ConfigError("downlink.density: a budgeted downlink (downlink.budget < 1) sends no steps, "
-                              "so leave downlink.density at 1.0")
         if not 0.0 < self.density <= 1.0:
             raise ConfigError(f"downlink.density: must be in (0, 1], got {self.density}")
         if not 2 <= self.bits <= 8:

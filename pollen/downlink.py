@@ -5,7 +5,9 @@ The server's global arrays move by one compressed *step* per round (see
 the steps v+1..t. A client gets one of
 
     chain   the steps it lacks, each a ``pollen.codec`` TopK payload ("step-<v>"):
-            exact, cheapest when it missed a step or two
+            exact, cheapest when it missed a step or two; under a budget
+            (``downlink.budget``) a step may also name entries that go back to their
+            initial values ("reset-<v>", their positions only), applied after its values
     sum     their sum as ONE payload ("sum"): the change since its version on the
             union of the steps' supports, at the steps' bits with a scale per block
             of 256 (``sum_codec``);
@@ -57,8 +59,15 @@ def sum_codec(step_codec: TopK) -> TopK:
     return TopK(density=1.0, bits=step_codec.bits, block=256)
 
 
+RESET = TopK(density=1.0, bits=1)  # positions only: every kept value is +1, one sign bit each
+
+
 def step_name(version: int) -> str:
     return f"step-{version}"
+
+
+def reset_name(version: int) -> str:
+    return f"reset-{version}"
 
 
 def _entries(kind: str, base: int, version: int, base_crc: int | None) -> dict:
@@ -70,8 +79,12 @@ def _entries(kind: str, base: int, version: int, base_crc: int | None) -> dict:
 
 def chain_message(steps: Mapping[int, ArrayRecord], base: int, version: int,
                   base_crc: int | None = None) -> tuple[ArrayRecord, dict]:
-    """(payload, config entries) carrying the steps ``base+1..version``."""
-    record = ArrayRecord({step_name(v): steps[v]["update"] for v in range(base + 1, version + 1)})
+    """(payload, config entries) carrying the steps ``base+1..version`` (each with its resets, if any)."""
+    record = ArrayRecord()
+    for v in range(base + 1, version + 1):
+        record[step_name(v)] = steps[v]["update"]
+        if "reset" in steps[v]:
+            record[reset_name(v)] = steps[v]["reset"]
     return record, _entries("chain", base, version, base_crc)
 
 
@@ -83,13 +96,14 @@ def sum_message(change: Mapping[str, np.ndarray], base: int, version: int, step_
 
 
 def rebuild(record: ArrayRecord, config: Mapping, layout: Layout, step_codec: TopK,
-            held: Mapping[str, np.ndarray], held_version: int) -> tuple[dict[str, np.ndarray], int]:
+            held: Mapping[str, np.ndarray], held_version: int,
+            initial: Mapping[str, np.ndarray] | None = None) -> tuple[dict[str, np.ndarray], int]:
     """The global arrays and their version, from a downlink payload and what the client holds.
 
     ``step_codec`` is how the server codes its steps (``downlink.*`` of the run config).
     ``held`` is the client's copy at ``held_version``; for a payload from version 0
-    (see ``payload_base``) it must be the initial arrays. Raises ``DownlinkError``
-    when the payload does not fit them.
+    (see ``payload_base``) it must be the initial arrays, which a chain with resets
+    needs as ``initial``. Raises ``DownlinkError`` when the payload does not fit them.
     """
     kind = config.get(f"{PREFIX}kind")
     if kind not in KINDS:
@@ -104,12 +118,21 @@ def rebuild(record: ArrayRecord, config: Mapping, layout: Layout, step_codec: To
                             "(different seed, model or library version?)")
     if base > version:
         raise DownlinkError(f"bad version range {base}..{version}")
-    names = [step_name(v) for v in range(base + 1, version + 1)] if kind == "chain" else ["sum"]
-    codec = step_codec if kind == "chain" else sum_codec(step_codec)
+    names = ["sum"]
+    if kind == "chain":
+        names = [name for v in range(base + 1, version + 1)
+                 for name in (step_name(v), reset_name(v)) if name == step_name(v) or name in record]
     _expect_keys(record, names)
+    if initial is None and any(name.startswith("reset-") for name in names):
+        raise DownlinkError("a step with resets needs the initial arrays")
     arrays = {name: np.array(value, dtype=np.float32) for name, value in held.items()}
     try:
-        for blob in record.values():
+        for name, blob in record.items():
+            if name.startswith("reset-"):  # these entries go back to their initial values
+                for tensor, mask in decode(_blob(blob), layout, RESET).items():
+                    arrays[tensor][mask != 0] = initial[tensor][mask != 0]
+                continue
+            codec = step_codec if kind == "chain" else sum_codec(step_codec)
             for tensor, change in decode(_blob(blob), layout, codec).items():
                 arrays[tensor] += change
     except CodecError as error:

@@ -16,13 +16,14 @@ version gets, whose last message got no good reply). Steps are kept while they a
 to less than the whole arrays at 8 bits, so memory stays bounded however many rounds
 run; a node further behind gets the change since version 0.
 
-With a ``budget`` < 1 there are no steps: the global model is the initial arrays plus
-the largest ``budget`` share (model-wide) of everything asked for so far, coded once a
-round as one sum from version 0, and every node is sent that payload. What is left out
-waits on the server as above. The global model then differs from the initial arrays in
-at most that share of entries, exactly as the clients rebuild it, and no message costs
-more: with a tenth of the clients taking part each round most messages are first
-contacts, which otherwise carry the change on the union of every step's support.
+With a ``budget`` < 1 each step heads for the initial arrays plus the largest
+``budget`` share (model-wide) of everything asked for so far: its values move the
+entries of that share, and entries that dropped out of it are reset to their initial
+values (positions only, exact on both sides). What is left out waits on the server as
+above. The global model then differs from the initial arrays in at most that share of
+entries, so a first contact, most messages when a tenth of the clients take part each
+round, costs no more; otherwise it carries the change on the union of every step's
+support. Sums start from version 0 only, as resets do not add up.
 
 Without a step codec (``downlink.name: identity``) every message carries the dense
 fp32 arrays and the global arrays are the proposed ones.
@@ -36,7 +37,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from pollen.codec import TopK, decode, decode_sparse, encode, largest, layout_of, wire_bytes
-from pollen.downlink import arrays_crc, chain_message, sum_codec, sum_message
+from pollen.downlink import RESET, arrays_crc, chain_message, sum_codec, sum_message
 
 Payload = tuple[ArrayRecord, dict, int]  # record, config entries, bytes on the wire
 
@@ -85,15 +86,13 @@ class Broadcast:
         """What ``node`` lacks to hold ``arrays`` (the current global arrays).
 
         A chain is exact and a sum is not, so a sum is sent only when it saves a real
-        share (``SUM_SAVES``) of the cheapest chain's bytes. Under a budget, every node gets
-        the round's one payload, the change since the initial arrays.
+        share (``SUM_SAVES``) of the cheapest chain's bytes.
         """
-        if self.budget < 1.0:
-            return self._payload("sum", 0, arrays)[:2]
         base = self.node_versions.get(node, 0)
         bases = [base] if base and base in self._kept_bases() else []  # the node's own first: kept on a tie
         chains = [self._payload("chain", b, arrays) for b in bases + [0] if b in self._kept_bases()]
-        sums = [self._payload("sum", b, arrays) for b in bases + [0]]  # version 0: always rebuildable
+        sum_bases = bases + [0] if self.budget == 1.0 else [0]  # version 0: always rebuildable
+        sums = [self._payload("sum", b, arrays) for b in sum_bases]
         best = min(sums, key=lambda payload: payload[2])
         if chains:
             chain = min(chains, key=lambda payload: payload[2])
@@ -125,40 +124,40 @@ class Broadcast:
         now = {name: array.numpy() for name, array in current.items()}
         # Everything asked for so far: the proposal plus what earlier steps left out.
         wanted = {name: proposed[name].numpy().astype(np.float32) + self._residual[name] for name in now}
-        version = self.version + 1
+        target, resets = wanted, None
         if self.budget < 1.0:
-            new, payload = self._budgeted(wanted, version)
-        else:
-            step = encode({name: wanted[name] - now[name] for name in now}, self.codec)
-            sent = decode(step, layout_of(now), self.codec)
-            new = {name: now[name] + sent[name] for name in now}
-        # Computed without a change to this object, so that a round refused above leaves it as it was.
-        self.version = version
-        self._payloads.clear()  # every payload now ends one version later
-        if self.budget < 1.0:
-            self._payloads["sum", 0] = payload
-        else:
-            self.steps[version] = step
-            self._step_bytes[version] = wire_bytes(step)
-            self._forget_old_steps()
+            target, resets = self._within_budget(wanted, now)
+        step = encode({name: target[name] - now[name] for name in now}, self.codec)
+        sent = decode(step, layout_of(now), self.codec)
+        new = {name: now[name] + sent[name] for name in now}
+        if resets is not None:
+            for name, mask in resets.items():
+                new[name][mask] = self._initial[name][mask]
+            if any(mask.any() for mask in resets.values()):
+                reset = encode({name: mask.astype(np.float32) for name, mask in resets.items()}, RESET)
+                step = ArrayRecord({"update": step["update"], "reset": reset["update"]})
         self._residual = {name: wanted[name] - new[name] for name in now}
+        self.version += 1
+        self.steps[self.version] = step
+        self._step_bytes[self.version] = wire_bytes(step)
+        self._payloads.clear()  # every payload now ends one step later
+        self._forget_old_steps()
         return ArrayRecord({name: Array(np.ascontiguousarray(new[name], dtype=np.float32)) for name in now})
 
-    def _budgeted(self, wanted: dict[str, np.ndarray], version: int) -> tuple[dict[str, np.ndarray], Payload]:
-        """The initial arrays plus the largest ``budget`` share of the change towards ``wanted`` (model-wide),
-        exactly as the clients rebuild them, and the payload they rebuild them from."""
-        change = {name: wanted[name] - start for name, start in self._initial.items()}
-        flat = np.concatenate([value.ravel() for value in change.values()])
-        keep = np.zeros(flat.size, bool)
-        keep[largest(flat, round(self.budget * flat.size))] = True
-        offset = 0
-        for name, value in change.items():
-            change[name] = np.where(keep[offset:offset + value.size].reshape(value.shape), value, np.float32(0))
-            offset += value.size
-        record, entries = sum_message(change, 0, version, self.codec, self._base_crc)
-        sent = decode(ArrayRecord({"update": record["sum"]}), layout_of(change), sum_codec(self.codec))
-        new = {name: start + sent[name] for name, start in self._initial.items()}
-        return new, (record, entries, wire_bytes(record))
+    def _within_budget(self, wanted: dict[str, np.ndarray],
+                       now: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Where the step heads: the initial arrays plus the largest ``budget`` share of the change towards
+        ``wanted`` (model-wide); and the entries outside that share that have moved, which go back."""
+        change = np.concatenate([(wanted[name] - start).ravel() for name, start in self._initial.items()])
+        keep = np.zeros(change.size, bool)
+        keep[largest(change, round(self.budget * change.size))] = True
+        target, resets, offset = {}, {}, 0
+        for name, start in self._initial.items():
+            kept = keep[offset:offset + start.size].reshape(start.shape)
+            target[name] = np.where(kept, wanted[name], now[name])  # outside: no step, a reset if it moved
+            resets[name] = ~kept & (now[name] != start)
+            offset += start.size
+        return target, resets
 
     def _kept_bases(self) -> range:
         """Versions a chain or a sum can start from: 0 and those whose later steps are all kept."""

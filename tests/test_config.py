@@ -111,8 +111,3 @@ def test_a_config_file_that_is_not_yaml_names_the_file_and_line(tmp_path):
     with pytest.raises(ConfigError, match=r"^--set 'train.lr=\{': the value is not valid YAML"):
         load_config(overrides=["train.lr={"])
 
-
-def test_a_budgeted_downlink_sends_no_steps_so_a_step_density_is_refused():
-    with pytest.raises(ConfigError, match="downlink.density: a budgeted downlink"):
-        load_config(overrides=["downlink.budget=0.1", "downlink.density=0.5"])
-    assert load_config(overrides=["downlink.budget=0.1"]).downlink.budget == 0.1
