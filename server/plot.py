@@ -10,7 +10,7 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 
-from pollen.config import CodecConfig, Config  # noqa: E402
+from pollen.config import CodecConfig, Config, DownlinkConfig  # noqa: E402
 from pollen.run_folder import RoundRecord  # noqa: E402
 
 MB = 1e6
@@ -32,12 +32,23 @@ def codec_label(codec: CodecConfig) -> str:
     return f"top-k {codec.density * 100:g}%, " + ("signs" if codec.bits == 1 else f"{codec.bits}-bit")
 
 
+def downlink_label(downlink: DownlinkConfig) -> str:
+    """How the downlink differs from its default, as a person says it: "down 10% budget, 4-bit" ("": default)."""
+    if downlink.name == "identity":
+        return "down dense fp32"
+    parts = [f"{downlink.budget * 100:g}% budget"] if downlink.budget < 1 else []
+    parts += [f"steps {downlink.density * 100:g}%"] if downlink.density < 1 else []
+    parts += [f"{downlink.bits}-bit"] if downlink.bits != DownlinkConfig.bits else []
+    return "down " + ", ".join(parts) if parts else ""
+
+
 def run_label(config: Config) -> str:
     """What a run sends and trains, as a person says it: "top-k 1%, 8-bit; LoRA"."""
-    sent = codec_label(config.codec)
     trained = {"lora": "LoRA", "head": "head only", "full": "full fine-tune"}.get(config.model.trainable,
                                                                                    config.model.trainable)
-    return f"{sent}; {trained}"
+    if config.model.trainable == "lora" and not config.model.lora.train_a:
+        trained = "LoRA, B only"
+    return "; ".join(part for part in (codec_label(config.codec), downlink_label(config.downlink), trained) if part)
 
 
 def log_scale_if_wide(axis: plt.Axes, values: list[float]) -> None:
@@ -67,7 +78,7 @@ def plot_run(records: list[RoundRecord], path: Path, label: str = "run") -> Path
     by_bytes.plot(both, [e.accuracy for e in trained], marker="o", label="uplink + downlink")
     by_bytes.plot(up, [e.accuracy for e in trained], marker=".", linestyle="--", label="uplink only")
     by_bytes.set(xlabel="MB on the wire so far", ylabel="central test accuracy",
-                 title=f"Accuracy by traffic ({label})")
+                 title="Accuracy by traffic")  # the run's label is in the first panel's legend
     log_scale_if_wide(by_bytes, up + both)
     if simulated:
         axes[2].plot([entry.simulated_seconds / 60 for entry in records], accuracy, marker="o", label=label)
