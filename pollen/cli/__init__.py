@@ -188,6 +188,7 @@ def simulate_command(config, folder, threads: int | None = None, resume: bool = 
     from pollen.run_folder import RunFolder
     from pollen.simulations.report import (RoundLines, print_whole, print_wrapped, round_line, round_table,
                                            traffic_summary)
+    from pollen.server.plot import downlink_label
     from pollen.simulations.run import simulate
 
     threads = use_threads(threads, config)
@@ -200,6 +201,7 @@ def simulate_command(config, folder, threads: int | None = None, resume: bool = 
                            + f", {fed.rounds} rounds, codec {config.codec.name}"
                            + (f" density {config.codec.density} {config.codec.bits}-bit"
                               if config.codec.name == "topk" else "")
+                           + (f", {downlink}" if (downlink := downlink_label(config.downlink)) else "")
                            + f", {threads} torch thread{'s' if threads > 1 else ''}")
     done = folder.records()[-1].round if resume and folder.records() else 0
     if resume:
