@@ -122,21 +122,15 @@ class Broadcast:
         if self.codec is None:
             return proposed
         now = {name: array.numpy() for name, array in current.items()}
-        # Everything asked for so far: the proposal plus what earlier steps left out.
-        wanted = {name: proposed[name].numpy().astype(np.float32) + self._residual[name] for name in now}
-        target, resets = wanted, None
         if self.budget < 1.0:
-            target, resets = self._within_budget(wanted, now)
-        step = encode({name: target[name] - now[name] for name in now}, self.codec)
-        sent = decode(step, layout_of(now), self.codec)
-        new = {name: now[name] + sent[name] for name in now}
-        if resets is not None:
-            for name, mask in resets.items():
-                new[name][mask] = self._initial[name][mask]
-            if any(mask.any() for mask in resets.values()):
-                reset = encode({name: mask.astype(np.float32) for name, mask in resets.items()}, RESET)
-                step = ArrayRecord({"update": step["update"], "reset": reset["update"]})
-        self._residual = {name: wanted[name] - new[name] for name in now}
+            new, step = self._step_within_budget(now, proposed)
+        else:
+            change = {name: proposed[name].numpy().astype(np.float32) - now[name] + self._residual[name]
+                      for name in now}
+            step = encode(change, self.codec)
+            sent = decode(step, layout_of(now), self.codec)
+            self._residual = {name: change[name] - sent[name] for name in now}
+            new = {name: now[name] + sent[name] for name in now}
         self.version += 1
         self.steps[self.version] = step
         self._step_bytes[self.version] = wire_bytes(step)
@@ -144,20 +138,27 @@ class Broadcast:
         self._forget_old_steps()
         return ArrayRecord({name: Array(np.ascontiguousarray(new[name], dtype=np.float32)) for name in now})
 
-    def _within_budget(self, wanted: dict[str, np.ndarray],
-                       now: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """Where the step heads: the initial arrays plus the largest ``budget`` share of the change towards
-        ``wanted`` (model-wide); and the entries outside that share that have moved, which go back."""
+    def _step_within_budget(self, now: dict[str, np.ndarray],
+                            proposed: ArrayRecord) -> tuple[dict[str, np.ndarray], ArrayRecord]:
+        """The new arrays and their step: towards the initial arrays plus the largest ``budget`` share
+        (model-wide) of everything asked for so far, resetting the entries that dropped out of it."""
+        wanted = {name: proposed[name].numpy().astype(np.float32) + self._residual[name] for name in now}
         change = np.concatenate([(wanted[name] - start).ravel() for name, start in self._initial.items()])
         keep = np.zeros(change.size, bool)
         keep[largest(change, round(self.budget * change.size))] = True
-        target, resets, offset = {}, {}, 0
+        kept, resets, offset = {}, {}, 0
         for name, start in self._initial.items():
-            kept = keep[offset:offset + start.size].reshape(start.shape)
-            target[name] = np.where(kept, wanted[name], now[name])  # outside: no step, a reset if it moved
-            resets[name] = ~kept & (now[name] != start)
+            kept[name] = keep[offset:offset + start.size].reshape(start.shape)
+            resets[name] = ~kept[name] & (now[name] != start)  # moved, now outside the budget: goes back
             offset += start.size
-        return target, resets
+        step = encode({name: np.where(kept[name], wanted[name] - now[name], 0) for name in now}, self.codec)
+        sent = decode(step, layout_of(now), self.codec)
+        new = {name: np.where(resets[name], self._initial[name], now[name] + sent[name]) for name in now}
+        self._residual = {name: wanted[name] - new[name] for name in now}  # what waits, in the budget or not
+        if any(mask.any() for mask in resets.values()):
+            reset = encode({name: mask.astype(np.float32) for name, mask in resets.items()}, RESET)
+            step = ArrayRecord({"update": step["update"], "reset": reset["update"]})
+        return new, step
 
     def _kept_bases(self) -> range:
         """Versions a chain or a sum can start from: 0 and those whose later steps are all kept."""
