@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from pollen.config import load_config  # noqa: E402
+from pollen.run_folder import RunFolder  # noqa: E402
 from pollen.simulations.report import first_reaching  # noqa: E402
 from pollen.simulations.run import run_in_process  # noqa: E402
 
@@ -61,7 +62,7 @@ def main() -> None:
                 f"simulation.devices={ROOT / 'simulations/configs' / f'devices-{fleet}.yaml'}",
                 *args.overrides, *RUNS[name]])
             with tempfile.TemporaryDirectory() as folder:
-                records = run_in_process(config, Path(folder))
+                records = run_in_process(config, RunFolder(Path(folder)))
             reached = {t: first_reaching(records, t) for t in args.targets}
             runs[name] = {
                 "seconds_to": {str(t): r and round(r.simulated_seconds, 1) for t, r in reached.items()},
