@@ -37,17 +37,18 @@ class GlobalCopy:
 
     def receive(self, record: ArrayRecord, config: Mapping) -> dict[str, np.ndarray]:
         """The global arrays this message stands for; kept when they came compressed."""
-        layout = {name: value.shape for name, value in self.initial().items()}
+        initial = self.initial()  # built once per message: it is the layout, version 0 and what resets restore
+        layout = {name: value.shape for name, value in initial.items()}
         if f"{PREFIX}kind" not in config or self.step_codec is None:  # dense fp32, checked like any payload
             try:
                 return decode(record, layout, Identity())
             except CodecError as error:
                 raise DownlinkError(f"bad global arrays: {error}") from None
         if payload_base(config) == 0:  # the change since the initial arrays, whatever this copy holds
-            held, version = dict(self.initial()), 0
+            held, version = dict(initial), 0
         else:
             held, version = self.held()
-        arrays, version = rebuild(record, config, layout, self.step_codec, held, version, self.initial())
+        arrays, version = rebuild(record, config, layout, self.step_codec, held, version, initial)
         self.state[self.ARRAYS] = ArrayRecord({name: Array(np.ascontiguousarray(value, dtype=np.float32))
                                                for name, value in arrays.items()})
         self.state[self.VERSION] = ConfigRecord({"version": version})

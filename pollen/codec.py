@@ -199,7 +199,7 @@ def encode(update: Mapping[str, np.ndarray], codec: Codec, seed: int = 0,
         return ArrayRecord({k: Array(np.asarray(v, dtype=np.float32, order="C"))
                             for k, v in update.items()})
     layout = layout_of(update)
-    flat = _flatten(update)
+    flat = flatten(update)
     if not np.isfinite(flat).all():
         raise CodecError("update contains NaN or infinity")
     offsets = _offsets(layout)
@@ -227,11 +227,9 @@ def decode(record: ArrayRecord, layout: Layout, codec: Codec) -> dict[str, np.nd
     if isinstance(codec, Identity):
         return _decode_dense(record, layout)
     indices, values = decode_sparse(record, layout, codec)
-    offsets = _offsets(layout)
-    flat = np.zeros(int(offsets[-1]), dtype=np.float32)
+    flat = np.zeros(int(_offsets(layout)[-1]), dtype=np.float32)
     flat[indices] = values
-    return {name: flat[a:b].reshape(shape)
-            for (name, shape), a, b in zip(layout.items(), offsets[:-1], offsets[1:])}
+    return unflatten(flat, layout)
 
 
 def decode_sparse(record: ArrayRecord, layout: Layout, codec: Codec) -> tuple[np.ndarray, np.ndarray]:
@@ -240,7 +238,7 @@ def decode_sparse(record: ArrayRecord, layout: Layout, codec: Codec) -> tuple[np
     Sparse-aware aggregation reads updates this way, without a dense array per client.
     """
     if isinstance(codec, Identity):
-        flat = _flatten(_decode_dense(record, layout))
+        flat = flatten(_decode_dense(record, layout))
         return np.arange(flat.size, dtype=np.int64), flat
     if list(record.keys()) != ["update"]:
         raise CodecError(f"expected one array named 'update', got {list(record.keys())}")
@@ -257,10 +255,17 @@ def sealed(body: bytes) -> bytes:
 
 # --- encoding -------------------------------------------------------------------------
 
-def _flatten(update: Mapping[str, np.ndarray]) -> np.ndarray:
+def flatten(update: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The tensors as one float32 vector, in layout order (the order top-k and the indices use)."""
     if not update:
         return np.zeros(0, np.float32)
     return np.concatenate([np.asarray(v, dtype=np.float32).reshape(-1) for v in update.values()])
+
+
+def unflatten(flat: np.ndarray, layout: Layout) -> dict[str, np.ndarray]:
+    """A vector in layout order as the layout's tensors (views into it): ``flatten`` undone."""
+    offsets = _offsets(layout)
+    return {name: flat[a:b].reshape(shape) for (name, shape), a, b in zip(layout.items(), offsets[:-1], offsets[1:])}
 
 
 def _offsets(layout: Layout) -> np.ndarray:
@@ -277,7 +282,7 @@ def _ranking(flat: np.ndarray, layout: Layout, codec: TopK,
         raise ValueError("select='salience' needs the gradients' RMS per entry")
     if layout_of(gradient_rms) != dict(layout):
         raise ValueError("gradient RMS names or shapes differ from the update's")
-    rms = _flatten(gradient_rms).astype(np.float64)
+    rms = flatten(gradient_rms).astype(np.float64)
     if not (np.isfinite(rms).all() and (rms >= 0).all()):
         raise ValueError("gradient RMS must be finite and non-negative")
     magnitude = np.abs(flat).astype(np.float64)

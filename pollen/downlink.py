@@ -126,13 +126,13 @@ def rebuild(record: ArrayRecord, config: Mapping, layout: Layout, step_codec: To
     if initial is None and any(name.startswith("reset-") for name in names):
         raise DownlinkError("a step with resets needs the initial arrays")
     arrays = {name: np.array(value, dtype=np.float32) for name, value in held.items()}
+    codec = step_codec if kind == "chain" else sum_codec(step_codec)
     try:
         for name, blob in record.items():
             if name.startswith("reset-"):  # these entries go back to their initial values
                 for tensor, mask in decode(_blob(blob), layout, RESET).items():
                     arrays[tensor][mask != 0] = initial[tensor][mask != 0]
                 continue
-            codec = step_codec if kind == "chain" else sum_codec(step_codec)
             for tensor, change in decode(_blob(blob), layout, codec).items():
                 arrays[tensor] += change
     except CodecError as error:

@@ -36,7 +36,7 @@ from collections.abc import Iterable
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
-from pollen.codec import TopK, decode, decode_sparse, encode, largest, layout_of, wire_bytes
+from pollen.codec import TopK, decode, decode_sparse, encode, flatten, largest, layout_of, unflatten, wire_bytes
 from pollen.downlink import RESET, arrays_crc, chain_message, sum_codec, sum_message
 
 Payload = tuple[ArrayRecord, dict, int]  # record, config entries, bytes on the wire
@@ -143,14 +143,12 @@ class Broadcast:
         """The new arrays and their step: towards the initial arrays plus the largest ``budget`` share
         (model-wide) of everything asked for so far, resetting the entries that dropped out of it."""
         wanted = {name: proposed[name].numpy().astype(np.float32) + self._residual[name] for name in now}
-        change = np.concatenate([(wanted[name] - start).ravel() for name, start in self._initial.items()])
+        change = flatten({name: wanted[name] - start for name, start in self._initial.items()})
         keep = np.zeros(change.size, bool)
         keep[largest(change, round(self.budget * change.size))] = True
-        kept, resets, offset = {}, {}, 0
-        for name, start in self._initial.items():
-            kept[name] = keep[offset:offset + start.size].reshape(start.shape)
-            resets[name] = ~kept[name] & (now[name] != start)  # moved, now outside the budget: goes back
-            offset += start.size
+        kept = unflatten(keep, layout_of(self._initial))
+        # Moved, and now outside the budget: goes back.
+        resets = {name: ~kept[name] & (now[name] != start) for name, start in self._initial.items()}
         step = encode({name: np.where(kept[name], wanted[name] - now[name], 0) for name in now}, self.codec)
         sent = decode(step, layout_of(now), self.codec)
         new = {name: np.where(resets[name], self._initial[name], now[name] + sent[name]) for name in now}
@@ -185,12 +183,7 @@ class Broadcast:
         for version in range(base + 1, self.version + 1):
             indices, values = decode_sparse(self.steps[version], layout, self.codec)
             flat[indices] += values  # a step's indices are distinct
-        out, start = {}, 0
-        for name, shape in layout.items():
-            size = int(np.prod(shape))
-            out[name] = flat[start:start + size].reshape(shape)
-            start += size
-        return out
+        return unflatten(flat, layout)
 
     def _forget_old_steps(self) -> None:
         """Drop the oldest steps once the kept ones add up to more than ``KEEP_WHOLES`` whole arrays."""
