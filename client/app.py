@@ -9,6 +9,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from pollen.client.attacks import CLAIMED_EXAMPLES, attack_of, flipped_labels, poisoned
+from pollen.client.deadline import fitted_payload, uplink_budget
 from pollen.client.error_feedback import ErrorFeedback
 from pollen.client.global_copy import GlobalCopy
 from pollen.client.training import train_locally
@@ -53,7 +54,11 @@ def train(msg: Message, context: Context) -> Message:
     update = feedback.add_residual(change, server_round)
     codec = config.codec.build()
     rms = run.gradient_rms if codec.uses_gradient_rms else None
-    payload = encode(update, codec, seed=seed, gradient_rms=rms)
+    if config.codec.fit_deadline:  # as dense as still makes the round's deadline on this device's uplink
+        budget = uplink_budget(round_config, len(data) * config.train.local_epochs)
+        codec, payload = fitted_payload(update, codec, budget, config.codec.min_density, seed=seed, gradient_rms=rms)
+    else:
+        payload = encode(update, codec, seed=seed, gradient_rms=rms)
     if isinstance(codec, Identity):
         feedback.clear()  # a lossless payload leaves nothing behind
     else:

@@ -265,9 +265,17 @@ class CodecConfig:
     stochastic: bool = False  # unbiased stochastic rounding of values
     feedback_max_age: int = 2  # rounds an unsent residual may wait before it is dropped; 0 = forever
     select: str = "magnitude"  # what top-k ranks by: magnitude | salience (magnitude x gradient RMS)
+    # Each client lowers its density (to min_density at most) so its reply makes the round's
+    # deadline on its own uplink (simulation.devices and simulation.deadline_seconds; client/deadline.py).
+    fit_deadline: bool = False
+    min_density: float = 0.001
 
     def check(self) -> None:
         _one_of("codec.name", self.name, ("topk", "identity"))
+        if not 0.0 < self.min_density <= 1.0:
+            raise ConfigError(f"codec.min_density: must be in (0, 1], got {self.min_density}")
+        if self.fit_deadline and self.name != "topk":
+            raise ConfigError("codec.fit_deadline: needs codec.name=topk (a dense update has one size)")
         if not 0.0 < self.density <= 1.0:
             raise ConfigError(f"codec.density: must be in (0, 1], got {self.density}")
         if not 1 <= self.bits <= 8:
@@ -423,6 +431,9 @@ class Config:
             value = getattr(self, f.name)
             if dataclasses.is_dataclass(value):
                 value.check()
+        if self.codec.fit_deadline and not (self.simulation.devices and self.simulation.deadline_seconds > 0):
+            raise ConfigError("codec.fit_deadline: needs simulation.devices and simulation.deadline_seconds > 0 "
+                              "(a client fits its reply to the deadline on its own link)")
         try:
             check_data(self)  # reads a path now: bad data stops the run before it starts
         except ValueError as error:

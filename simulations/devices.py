@@ -18,7 +18,9 @@ sampled nodes may drop out (they reply with Flower's NODE_UNAVAILABLE error, as 
 SuperLink reports a node that went away), and every reply is timed on a simulated
 clock: downlink bytes / bandwidth + training time / speed + uplink bytes / bandwidth.
 Replies later than the round deadline are cut (REPLY_MESSAGE_UNAVAILABLE) and the
-round aggregates what came back in time. Training time comes from examples x epochs
+round aggregates what came back in time. With a deadline, each training message also
+tells its device the deadline, how long the message took and its own link and throughput,
+which a client with ``codec.fit_deadline`` sizes its reply by (client/deadline.py). Training time comes from examples x epochs
 and the profile's throughput, not from this host's wall clock, so the clock and which
 replies make the deadline are the same on every machine and backend.
 """
@@ -34,9 +36,10 @@ from pathlib import Path
 from uuid import uuid4
 
 import numpy as np
-from flwr.app import Error, Message, MessageType
+from flwr.app import ConfigRecord, Error, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from pollen.client.deadline import DEADLINE, DOWNLINK_SECONDS, TRAINING_RATE, UPLINK_RATE
 from pollen.codec import wire_bytes
 from pollen.config import ConfigError, read_yaml
 from pollen.flower_internals import ErrorCode
@@ -223,6 +226,9 @@ class DeviceGrid(GridWrapper):
         node_of = {id(m): m.metadata.dst_node_id for m in sent}  # before a backend rewrites it
         downlink = {id(m): sum(wire_bytes(r) for r in m.content.array_records.values())
                     for m in sent} if self.population is not None else {}  # counting bytes serializes
+        if self.population is not None and self.deadline:
+            for message in (m for m in sent if id(m) in downlink):
+                self._tell_link(message, node_of[id(message)], downlink[id(message)])
         replies = list(self.inner.send_and_receive(sent, timeout=timeout))
         request_of = {m.metadata.message_id: m for m in sent}
 
@@ -293,6 +299,19 @@ class DeviceGrid(GridWrapper):
             "dropouts": len(timing.dropouts),
             "stragglers": len(timing.stragglers),
         }
+
+    def _tell_link(self, message: Message, node_id: int, downlink: int) -> None:
+        """Write into a training message what the device knows of this round: the deadline and its own link.
+
+        A client with ``codec.fit_deadline`` sizes its reply by them (client/deadline.py).
+        """
+        i = node_id - 1
+        config = next(iter(message.content.config_records.values()), ConfigRecord())
+        facts = {DEADLINE: self.deadline, DOWNLINK_SECONDS: downlink / self.population.downlink_bytes_per_second[i],
+                 UPLINK_RATE: self.population.uplink_bytes_per_second[i],
+                 TRAINING_RATE: self.population.fleet.examples_per_second * self.population.compute_speed[i]}
+        message.content = RecordDict({**message.content.array_records,
+                                      "config": ConfigRecord({**config, **{k: float(v) for k, v in facts.items()}})})
 
     def _drops_out(self, server_round: int, node_id: int) -> bool:
         if self.population is None:

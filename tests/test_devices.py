@@ -206,3 +206,36 @@ def test_evaluate_messages_and_the_run_pass_straight_through(inner):
     (reply,) = grid.send_and_receive([message])
     assert reply.has_error() and "evaluate" in reply.error.reason  # the stub only trains
     assert grid.rounds == {}
+
+
+seen_configs = []
+recorder = ClientApp()
+
+
+@recorder.train()
+def record_the_round_config(msg: Message, context: Context) -> Message:
+    seen_configs.append((msg.metadata.dst_node_id, dict(msg.content["config"])))
+    return reply_with_fixed_payload(msg, context)
+
+
+def test_with_a_deadline_each_message_tells_its_device_the_deadline_and_its_own_link(tmp_path):
+    from pollen.client.deadline import DEADLINE, DOWNLINK_SECONDS, TRAINING_RATE, UPLINK_RATE
+
+    fleet = load_profiles(fleet_file(tmp_path, profile(name="slow", share=0.5, compute_speed=0.5, uplink_mbps=2.0),
+                                     profile(name="fast", share=0.5, downlink_mbps=80.0)))
+    population = DevicePopulation(fleet, 200, 0)
+    for deadline in (0.0, 30.0):
+        seen_configs.clear()
+        grid = DeviceGrid(InProcessGrid(recorder, 200, {}), population, seed=0, local_epochs=2,
+                          deadline_seconds=deadline)
+        messages, _ = train_round(grid, [1, 2, 3, 4])
+        if not deadline:
+            assert seen_configs and all(DEADLINE not in config for _, config in seen_configs)
+            continue
+        down = wire_bytes(messages[0].content["arrays"])
+        for node, config in seen_configs:
+            kind = population.profile(node)
+            assert config == pytest.approx({
+                "server-round": 1, DEADLINE: 30.0, DOWNLINK_SECONDS: down / (kind.downlink_mbps * 1e6 / 8),
+                UPLINK_RATE: kind.uplink_mbps * 1e6 / 8, TRAINING_RATE: 100.0 * kind.compute_speed})
+        assert len(seen_configs) == 4 and len({c[UPLINK_RATE] for _, c in seen_configs}) == 2  # each its own link
