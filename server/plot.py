@@ -29,7 +29,8 @@ def codec_label(codec: CodecConfig) -> str:
     """What the uplink sends, as a person says it: "top-k 1%, 8-bit", "dense fp32"."""
     if codec.name == "identity":
         return "dense fp32"
-    return f"top-k {codec.density * 100:g}%, " + ("signs" if codec.bits == 1 else f"{codec.bits}-bit")
+    density = f"up to {codec.density * 100:g}% by deadline" if codec.fit_deadline else f"{codec.density * 100:g}%"
+    return f"top-k {density}, " + ("signs" if codec.bits == 1 else f"{codec.bits}-bit")
 
 
 def downlink_label(downlink: DownlinkConfig) -> str:

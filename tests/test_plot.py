@@ -23,6 +23,9 @@ def test_a_run_is_labelled_by_what_it_sends_and_trains():
     assert run_label(load_config(None, ["downlink.budget=0.1", "downlink.bits=4", "model.lora.train_a=false"])) == \
         "top-k 1%, 8-bit; down 10% budget, 4-bit; LoRA, B only"
     assert run_label(load_config(None, ["downlink.name=identity"])) == "top-k 1%, 8-bit; down dense fp32; LoRA"
+    fitted = ["codec.fit_deadline=true", "codec.density=1", "simulation.devices=simulations/configs/devices-phones.yaml",
+              "simulation.deadline_seconds=3"]
+    assert run_label(load_config(None, fitted)) == "top-k up to 100% by deadline, 8-bit; LoRA"
 
 
 def test_traffic_adds_up_round_by_round_with_or_without_the_downlink():
