@@ -89,3 +89,21 @@ def test_clients_add_the_proximal_term_fedprox_asks_for():
         return sum(float((p.detach() - p0).norm()) for p, p0 in zip(model.parameters(), start))
 
     assert drift(10.0) < 0.5 * drift(0.0)
+
+
+def test_bulyan_expecting_an_attacker_leaves_out_entries_only_one_client_changed():
+    # Why bulyan collapses on top-k updates once num_malicious_nodes >= 1 (README, Results):
+    # an entry one client changed has the global value as its median, and Bulyan averages
+    # only the values closest to that median.
+    clients = 7
+    start = {"w": np.random.default_rng(2).normal(size=700).astype(np.float32)}
+    deltas = []
+    for i in range(clients):
+        delta = np.zeros(700, np.float32)
+        delta[i * 100:(i + 1) * 100] = 1.0  # each client changes its own 100 entries
+        deltas.append({"w": delta})
+    moved = {}
+    for f in (0, 1):
+        new = flower_round(strategy_of("bulyan", clients, {"num_malicious_nodes": f}), start, deltas, [1.0] * clients)
+        moved[f] = int(np.count_nonzero(np.abs(new["w"] - start["w"]) > 1e-3))
+    assert moved == {0: 700, 1: 0}
