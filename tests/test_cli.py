@@ -34,7 +34,7 @@ def test_simulate_names_a_budgeted_downlink_in_its_header(tmp_path, capsys, monk
     assert main(["simulate", TINY, "--set", "federation.rounds=1", "--set", "downlink.budget=0.2", "--set",
                  "downlink.bits=4", "--output", str(tmp_path)]) == 0
     header = " ".join(capsys.readouterr().out.split("round ")[0].split())
-    assert "down 20% budget, 4-bit" in header
+    assert "up top-k 10%, 8-bit, down 20% budget, 4-bit" in header
 
 
 @pytest.mark.parametrize("override, named", [

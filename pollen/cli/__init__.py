@@ -188,7 +188,7 @@ def simulate_command(config, folder, threads: int | None = None, resume: bool = 
     from pollen.run_folder import RunFolder
     from pollen.simulations.report import (RoundLines, print_whole, print_wrapped, round_line, round_table,
                                            traffic_summary)
-    from pollen.server.plot import downlink_label
+    from pollen.server.plot import codec_label, downlink_label
     from pollen.simulations.run import simulate
 
     threads = use_threads(threads, config)
@@ -198,9 +198,7 @@ def simulate_command(config, folder, threads: int | None = None, resume: bool = 
                            f"{config.model.quantize} base) on {config.data.dataset}, {fed.num_clients} clients, "
                            f"{fed.clients_per_round} per round"
                            + (f" (up to {fed.most_sampled} sampled)" if fed.most_sampled > fed.clients_per_round else "")
-                           + f", {fed.rounds} rounds, codec {config.codec.name}"
-                           + (f" density {config.codec.density} {config.codec.bits}-bit"
-                              if config.codec.name == "topk" else "")
+                           + f", {fed.rounds} rounds, up {codec_label(config.codec)}"
                            + (f", {downlink}" if (downlink := downlink_label(config.downlink)) else "")
                            + f", {threads} torch thread{'s' if threads > 1 else ''}")
     done = folder.records()[-1].round if resume and folder.records() else 0
