@@ -65,3 +65,15 @@ def test_bad_privacy_settings_are_named():
     for override in ("privacy.noise_multiplier=-1", "privacy.clip_norm=0", "privacy.delta=1"):
         with pytest.raises(ConfigError, match=override.split("=")[0]):
             load_config(None, [override])
+
+
+def test_epsilon_is_at_most_opacus_default_bound_and_tighter_at_low_noise():
+    from opacus.accountants import RDPAccountant
+
+    fed = FederationConfig(num_clients=100, clients_per_round=10)
+    for sigma, tighter in ((0.1, True), (0.3, True), (1.0, False)):
+        default = RDPAccountant()
+        default.history = [(sigma, 0.1, 20)]
+        ours = epsilon(PrivacyConfig(noise_multiplier=sigma), fed, 20)
+        assert ours <= default.get_epsilon(1e-5)
+        assert (ours < 0.99 * default.get_epsilon(1e-5)) == tighter
