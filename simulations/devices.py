@@ -20,9 +20,10 @@ clock: downlink bytes / bandwidth + training time / speed + uplink bytes / bandw
 Replies later than the round deadline are cut (REPLY_MESSAGE_UNAVAILABLE) and the
 round aggregates what came back in time. With a deadline, each training message also
 tells its device the deadline, how long the message took and its own link and throughput,
-which a client with ``codec.fit_deadline`` sizes its reply by (client/deadline.py). Training time comes from examples x epochs
-and the profile's throughput, not from this host's wall clock, so the clock and which
-replies make the deadline are the same on every machine and backend.
+which a client with ``codec.fit_deadline`` sizes its reply by (client/deadline.py).
+Training time comes from examples x epochs and the profile's throughput, not from this
+host's wall clock, so the clock and which replies make the deadline are the same on
+every machine and backend.
 """
 
 from __future__ import annotations
