@@ -58,9 +58,10 @@ def fitted_payload(update: Mapping[str, np.ndarray], codec: TopK, budget: float 
         return best  # it will be late; nothing smaller is worth sending
     low, high = math.log(best[0].density), math.log(codec.density)  # fits at low, not at high
     for _ in range(SEARCH_STEPS):
-        middle = payload_at(math.exp((low + high) / 2))
-        if wire_bytes(middle[1]) <= budget:
-            best, low = middle, math.log(middle[0].density)
+        middle = (low + high) / 2
+        candidate = payload_at(math.exp(middle))
+        if wire_bytes(candidate[1]) <= budget:
+            best, low = candidate, middle
         else:
-            high = math.log(middle[0].density)
+            high = middle
     return best

@@ -144,13 +144,20 @@ class DevicePopulation:
 
     def seconds(self, node_id: int, downlink_bytes: int, examples: float, uplink_bytes: int) -> float:
         """Simulated time from the message leaving the server to the reply arriving."""
-        i = node_id - 1
-        return (downlink_bytes / self.downlink_bytes_per_second[i] + self.compute_seconds(node_id, examples)
-                + uplink_bytes / self.uplink_bytes_per_second[i])
+        return (self.downlink_seconds(node_id, downlink_bytes) + self.compute_seconds(node_id, examples)
+                + uplink_bytes / self.uplink_bytes_per_second[node_id - 1])
+
+    def downlink_seconds(self, node_id: int, downlink_bytes: int) -> float:
+        """The message's part of a reply's time."""
+        return downlink_bytes / self.downlink_bytes_per_second[node_id - 1]
 
     def compute_seconds(self, node_id: int, examples: float) -> float:
         """The training part of a reply's time."""
-        return examples / (self.fleet.examples_per_second * self.compute_speed[node_id - 1])
+        return examples / self.training_rate(node_id)
+
+    def training_rate(self, node_id: int) -> float:
+        """Examples a second this device trains on."""
+        return self.fleet.examples_per_second * self.compute_speed[node_id - 1]
 
 
 @dataclass
@@ -228,7 +235,7 @@ class DeviceGrid(GridWrapper):
         downlink = {id(m): sum(wire_bytes(r) for r in m.content.array_records.values())
                     for m in sent} if self.population is not None else {}  # counting bytes serializes
         if self.population is not None and self.deadline:
-            for message in (m for m in sent if id(m) in downlink):
+            for message in sent:
                 self._tell_link(message, node_of[id(message)], downlink[id(message)])
         replies = list(self.inner.send_and_receive(sent, timeout=timeout))
         request_of = {m.metadata.message_id: m for m in sent}
@@ -306,11 +313,11 @@ class DeviceGrid(GridWrapper):
 
         A client with ``codec.fit_deadline`` sizes its reply by them (client/deadline.py).
         """
-        i = node_id - 1
+        # The same terms as the clock's (DevicePopulation.seconds), so the client's estimate is exact.
         config = next(iter(message.content.config_records.values()), ConfigRecord())
-        facts = {DEADLINE: self.deadline, DOWNLINK_SECONDS: downlink / self.population.downlink_bytes_per_second[i],
-                 UPLINK_RATE: self.population.uplink_bytes_per_second[i],
-                 TRAINING_RATE: self.population.fleet.examples_per_second * self.population.compute_speed[i]}
+        facts = {DEADLINE: self.deadline, DOWNLINK_SECONDS: self.population.downlink_seconds(node_id, downlink),
+                 UPLINK_RATE: self.population.uplink_bytes_per_second[node_id - 1],
+                 TRAINING_RATE: self.population.training_rate(node_id)}
         message.content = RecordDict({**message.content.array_records,
                                       "config": ConfigRecord({**config, **{k: float(v) for k, v in facts.items()}})})
 
