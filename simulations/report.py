@@ -57,6 +57,11 @@ def print_whole(console: Console, renderable: RenderableType) -> None:
     console.file.write("".join(line.rstrip() + "\n" for line in capture.get().splitlines()))
 
 
+def counted(count: int, noun: str) -> str:
+    """``counted(1, "round")`` is "1 round", ``counted(3, "round")`` "3 rounds"."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def byte_size(count: float) -> str:
     """A byte count in the SI unit that shows it in three digits: "512 B", "3.92 kB", "44.3 kB", "1.63 MB"."""
     value, unit = float(count), "B"

@@ -27,6 +27,7 @@ def test_simulate_writes_record_plot_and_checkpoint(tmp_path, capsys, monkeypatc
     assert {p.name for p in tmp_path.iterdir()} >= {"rounds.jsonl", "accuracy.png", "checkpoint.pt", "config.yaml"}
     assert len((tmp_path / "rounds.jsonl").read_text().splitlines()) == 2
     assert "down " not in out.split("round ")[0]  # the default downlink goes unsaid in the header
+    assert ", 1 round, up" in " ".join(out.split("round ")[0].split())
 
 
 def test_simulate_names_a_budgeted_downlink_in_its_header(tmp_path, capsys, monkeypatch, restore_threads):

@@ -11,9 +11,9 @@ import pytest
 from rich.console import Console
 
 from pollen.run_folder import RoundRecord
-from pollen.simulations.report import (COLUMNS, IMPORTANCE, ConsoleLog, RoundLines, byte_size, fitting, log_on,
-                                       metric_text, note_lines, print_whole, print_wrapped, round_line, round_row,
-                                       round_table, traffic_summary, wrapped)
+from pollen.simulations.report import (COLUMNS, IMPORTANCE, ConsoleLog, RoundLines, byte_size, counted, fitting,
+                                       log_on, metric_text, note_lines, print_whole, print_wrapped, round_line,
+                                       round_row, round_table, traffic_summary, wrapped)
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 ESSENTIAL = ("round", "acc", "loss", "F1", "clients", "up", "down", "ratio")
@@ -120,6 +120,10 @@ def test_the_table_leaves_out_columns_empty_all_run():
 ])
 def test_byte_counts_print_in_a_unit_that_fits(count, text):
     assert byte_size(count) == text
+
+
+def test_a_count_of_one_is_singular():
+    assert [counted(n, "round") for n in (0, 1, 2)] == ["0 rounds", "1 round", "2 rounds"]
 
 
 def test_a_small_runs_traffic_is_not_zero_megabytes():

@@ -139,13 +139,13 @@ def compare_command(path: str, output: str | None, threads: int | None = None, c
     from rich.console import Console
 
     from pollen.simulations.compare import load_compare, run_compare
-    from pollen.simulations.report import print_whole, print_wrapped
+    from pollen.simulations.report import counted, print_whole, print_wrapped
 
     compare = load_compare(path, {"tensorboard": True} if tensorboard else None)
     use_threads(threads, compare.base)
     console = console or Console()
     print_wrapped(console, f"pollen compare: {len(compare.variants)} variants x {len(compare.seeds)} seeds, "
-                           f"{compare.base.federation.rounds} rounds each, target accuracy {compare.target_accuracy}")
+                           f"{counted(compare.base.federation.rounds, 'round')} each, target accuracy {compare.target_accuracy}")
     report = run_compare(compare, Path(output) if output else None,
                          on_run=lambda line: print_wrapped(console, line))
     print_whole(console, report.table)
@@ -159,14 +159,14 @@ def tune_command(path: str, output: str | None, threads: int | None = None, cons
 
     from rich.console import Console
 
-    from pollen.simulations.report import print_whole, print_wrapped
+    from pollen.simulations.report import counted, print_whole, print_wrapped
     from pollen.simulations.tune import load_tune, run_tune
 
     tune = load_tune(path)
     use_threads(threads, tune.base)
     folder = Path(output) if output else Path(tune.output_dir) / datetime.now().strftime("%Y%m%d-%H%M%S")
     console = console or Console()
-    print_wrapped(console, f"pollen tune: {tune.trials} trials of {tune.base.federation.rounds} rounds, "
+    print_wrapped(console, f"pollen tune: {counted(tune.trials, 'trial')} of {counted(tune.base.federation.rounds, 'round')}, "
                            f"{tune.sampler} sampler, {tune.pruner} pruner; study in {folder}")
     try:
         report = run_tune(tune, folder, on_trial=lambda line: print_wrapped(console, line))
@@ -186,8 +186,8 @@ def simulate_command(config, folder, threads: int | None = None, resume: bool = 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from pollen.run_folder import RunFolder
-    from pollen.simulations.report import (RoundLines, print_whole, print_wrapped, round_line, round_table,
-                                           traffic_summary)
+    from pollen.simulations.report import (RoundLines, counted, print_whole, print_wrapped, round_line,
+                                           round_table, traffic_summary)
     from pollen.server.plot import codec_label, downlink_label
     from pollen.simulations.run import simulate
 
@@ -198,9 +198,9 @@ def simulate_command(config, folder, threads: int | None = None, resume: bool = 
                            f"{config.model.quantize} base) on {config.data.dataset}, {fed.num_clients} clients, "
                            f"{fed.clients_per_round} per round"
                            + (f" (up to {fed.most_sampled} sampled)" if fed.most_sampled > fed.clients_per_round else "")
-                           + f", {fed.rounds} rounds, up {codec_label(config.codec)}"
+                           + f", {counted(fed.rounds, 'round')}, up {codec_label(config.codec)}"
                            + (f", {downlink}" if (downlink := downlink_label(config.downlink)) else "")
-                           + f", {threads} torch thread{'s' if threads > 1 else ''}")
+                           + f", {counted(threads, 'torch thread')}")
     done = folder.records()[-1].round if resume and folder.records() else 0
     if resume:
         print_wrapped(console, f"resuming {folder} after round {done}")

@@ -203,7 +203,7 @@ def server_command(args: argparse.Namespace) -> int:
     from pollen.run_folder import RunFolder
     from pollen.server.deploy import DEFAULT_PORT, Deployment
     from pollen.server.fleet_proxy import RequestLimits
-    from pollen.simulations.report import byte_size, note_lines
+    from pollen.simulations.report import byte_size, counted, note_lines
     from pollen.tensorboard_log import require_tensorboard
     from pollen.threads import thread_environment
 
@@ -253,7 +253,7 @@ def server_command(args: argparse.Namespace) -> int:
             console.print(f"SuperLink and its Control API on {deployment.internal_address}, this machine only "
                           f"(`FLWR_HOME={deployment.flwr_home} flwr ls {CONNECTION}`)")
             run_id = deployment.submit()
-            console.print(f"run {run_id}: {fed.rounds} rounds, {fed.clients_per_round} devices per round "
+            console.print(f"run {run_id}: {counted(fed.rounds, 'round')}, {fed.clients_per_round} devices per round "
                           + (f"(up to {fed.most_sampled} sampled as earlier rounds lose some) "
                              if fed.most_sampled > fed.clients_per_round else "")
                           + "(waits until that many are connected)")
