@@ -12,6 +12,7 @@ from __future__ import annotations
 from flwr.app import Array, ArrayRecord
 
 from pollen.config import EarlyStopping
+from pollen.wording import counted
 
 
 class EarlyStop:
@@ -33,6 +34,6 @@ class EarlyStop:
         waited = server_round - self.best_round
         if not self.settings.patience or waited < self.settings.patience:
             return None
-        return (f"no accuracy gain above {self.settings.min_delta:g} for {waited} rounds: "
+        return (f"no accuracy gain above {self.settings.min_delta:g} for {counted(waited, 'round')}: "
                 f"stopped after round {server_round}, kept round {self.best_round}'s model "
                 f"(accuracy {self.best_accuracy:.4f})")

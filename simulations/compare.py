@@ -42,7 +42,7 @@ from pollen.config import (Config, ConfigError, differences, from_dict, load_con
                            run_config_of, to_dict, with_overrides)
 from pollen.run_folder import RoundRecord, RunFolder  # noqa: E402
 from pollen.server.plot import codec_label, cumulative_mb, log_scale_if_wide  # noqa: E402
-from pollen.simulations.report import byte_size  # noqa: E402
+from pollen.wording import byte_size  # noqa: E402
 from pollen.simulations.run import simulate  # noqa: E402
 from pollen.strategies import check_strategy  # noqa: E402
 from pollen.tensorboard_log import require_tensorboard  # noqa: E402

@@ -24,6 +24,7 @@ from pollen.config import Config, run_config_of
 from pollen.flower_processes import (CONNECTION, SUPERLINK_LOG, FlowerError, ProcessTree, console_script, free_port,
                                      offline_env, wait_until_ready, write_app, write_connection)
 from pollen.run_folder import RoundRecord, RunFolder
+from pollen.wording import counted
 
 SERVERAPP, CLIENTAPP = "pollen.simulations.ray_app:app", "pollen.client.app:app"
 FLWR_LOG = "flwr-run.log"  # in the run folder's logs/
@@ -63,7 +64,7 @@ def run_on_ray(config: Config, folder: RunFolder, on_round: Callable[[RoundRecor
         records = folder.records()
         if len(records) != config.federation.rounds + 1:
             raise FlowerError(f"the Ray run ended after {max(len(records) - 1, 0)} of "
-                              f"{config.federation.rounds} rounds; see {folder.logs / FLWR_LOG} "
+                              f"{counted(config.federation.rounds, 'round')}; see {folder.logs / FLWR_LOG} "
                               f"and {folder.logs / SUPERLINK_LOG}")
         return records
 

@@ -37,6 +37,11 @@ def test_the_run_stops_after_patience_rounds_without_a_gain_and_keeps_the_best()
     assert stop.best_arrays["w"].numpy().tolist() == [1.0, 1.0]
 
 
+def test_a_patience_of_one_reads_in_the_singular():
+    stop = EarlyStop(EarlyStopping(patience=1), 0, 0.5, arrays(0))
+    assert "for 1 round:" in stop.after(1, 0.4, arrays(1))
+
+
 def test_patience_zero_never_stops():
     stop = EarlyStop(EarlyStopping(), 0, 0.9, arrays(0))
     assert all(stop.after(r, 0.1, arrays(r)) is None for r in range(1, 50))

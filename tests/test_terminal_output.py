@@ -11,7 +11,7 @@ import pytest
 from rich.console import Console
 
 from pollen.run_folder import RoundRecord
-from pollen.simulations.report import (COLUMNS, IMPORTANCE, ConsoleLog, RoundLines, byte_size, counted, fitting,
+from pollen.simulations.report import (COLUMNS, IMPORTANCE, ConsoleLog, RoundLines, fitting,
                                        log_on, metric_text, note_lines, print_whole, print_wrapped, round_line,
                                        round_row, round_table, traffic_summary, wrapped)
 
@@ -111,19 +111,6 @@ def test_the_table_leaves_out_columns_empty_all_run():
     assert "sim s" in [column.header for column in round_table(RUNS["device profile"]).columns]
     only_round_zero = [column.header for column in round_table([record(0)]).columns]
     assert "train" not in only_round_zero and "ratio" not in only_round_zero and "acc" in only_round_zero
-
-
-@pytest.mark.parametrize("count, text", [
-    (0, "0 B"), (85, "85 B"), (999, "999 B"), (1000, "1.00 kB"), (3_880, "3.88 kB"), (44_312, "44.3 kB"),
-    (131_000, "131 kB"), (999_400, "999 kB"), (999_600, "1.00 MB"), (1_630_000, "1.63 MB"),
-    (16_140_000, "16.1 MB"), (2_500_000_000, "2.50 GB"),
-])
-def test_byte_counts_print_in_a_unit_that_fits(count, text):
-    assert byte_size(count) == text
-
-
-def test_a_count_of_one_is_singular():
-    assert [counted(n, "round") for n in (0, 1, 2)] == ["0 rounds", "1 round", "2 rounds"]
 
 
 def test_a_small_runs_traffic_is_not_zero_megabytes():

@@ -139,7 +139,8 @@ def compare_command(path: str, output: str | None, threads: int | None = None, c
     from rich.console import Console
 
     from pollen.simulations.compare import load_compare, run_compare
-    from pollen.simulations.report import counted, print_whole, print_wrapped
+    from pollen.simulations.report import print_whole, print_wrapped
+    from pollen.wording import counted
 
     compare = load_compare(path, {"tensorboard": True} if tensorboard else None)
     use_threads(threads, compare.base)
@@ -159,8 +160,9 @@ def tune_command(path: str, output: str | None, threads: int | None = None, cons
 
     from rich.console import Console
 
-    from pollen.simulations.report import counted, print_whole, print_wrapped
+    from pollen.simulations.report import print_whole, print_wrapped
     from pollen.simulations.tune import load_tune, run_tune
+    from pollen.wording import counted
 
     tune = load_tune(path)
     use_threads(threads, tune.base)
@@ -186,10 +188,11 @@ def simulate_command(config, folder, threads: int | None = None, resume: bool = 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from pollen.run_folder import RunFolder
-    from pollen.simulations.report import (RoundLines, counted, print_whole, print_wrapped, round_line,
+    from pollen.simulations.report import (RoundLines, print_whole, print_wrapped, round_line,
                                            round_table, traffic_summary)
     from pollen.server.plot import codec_label, downlink_label
     from pollen.simulations.run import simulate
+    from pollen.wording import counted
 
     threads = use_threads(threads, config)
     console = console or Console()

@@ -203,9 +203,10 @@ def server_command(args: argparse.Namespace) -> int:
     from pollen.run_folder import RunFolder
     from pollen.server.deploy import DEFAULT_PORT, Deployment
     from pollen.server.fleet_proxy import RequestLimits
-    from pollen.simulations.report import byte_size, counted, note_lines
+    from pollen.simulations.report import note_lines
     from pollen.tensorboard_log import require_tensorboard
     from pollen.threads import thread_environment
+    from pollen.wording import byte_size, counted
 
     console = Console()
     if args.config_option:
