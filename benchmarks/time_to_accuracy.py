@@ -12,7 +12,7 @@ prints the simulated device time each run needs, and against dense:
     share_of_limit  speedup / limit
 
     python benchmarks/time_to_accuracy.py [--rounds 12] [--targets 0.4 0.6 0.7] \
-        [--fleets slow-uplink iot] [--runs dense default budget] [--threads 2]
+        [--fleets slow-uplink iot] [--runs dense default no_budget budget density5] [--threads 2]
 """
 
 from __future__ import annotations
@@ -36,8 +36,10 @@ from pollen.simulations.run import run_in_process  # noqa: E402
 
 RUNS = {
     "dense": ["codec.name=identity", "downlink.name=identity"],
-    "default": [],  # top-k 1%, 8-bit up; the delta downlink
+    "default": [],  # top-k 1%, 8-bit up; the delta downlink, its change held to 20% of entries, 4-bit
+    "no_budget": ["downlink.budget=1", "downlink.bits=8"],  # the delta downlink with no cap, 8-bit
     "budget": ["downlink.budget=0.1", "downlink.bits=4"],  # the global model changes in at most 10% of entries
+    "density5": ["codec.density=0.05"],  # 5x the default's uplink entries: fewer rounds where bytes are cheap
 }
 
 

@@ -37,7 +37,8 @@ def downlink_label(downlink: DownlinkConfig) -> str:
     """How the downlink differs from its default, as a person says it: "down 10% budget, 4-bit" ("": default)."""
     if downlink.name == "identity":
         return "down dense fp32"
-    parts = [f"{downlink.budget * 100:g}% budget"] if downlink.budget < 1 else []
+    budget = "no budget" if downlink.budget == 1 else f"{downlink.budget * 100:g}% budget"
+    parts = [budget] if downlink.budget != DownlinkConfig.budget else []
     parts += [f"steps {downlink.density * 100:g}%"] if downlink.density < 1 else []
     parts += [f"{downlink.bits}-bit"] if downlink.bits != DownlinkConfig.bits else []
     return "down " + ", ".join(parts) if parts else ""

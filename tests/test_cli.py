@@ -26,16 +26,16 @@ def test_simulate_writes_record_plot_and_checkpoint(tmp_path, capsys, monkeypatc
     assert "\x1b" not in out
     assert {p.name for p in tmp_path.iterdir()} >= {"rounds.jsonl", "accuracy.png", "checkpoint.pt", "config.yaml"}
     assert len((tmp_path / "rounds.jsonl").read_text().splitlines()) == 2
-    assert "down " not in out.split("round ")[0]  # the default downlink goes unsaid in the header
+    assert "down no budget, 8-bit" in " ".join(out.split("round ")[0].split())  # tiny.yaml's, not the default
     assert ", 1 round, up" in " ".join(out.split("round ")[0].split())
 
 
 def test_simulate_names_a_budgeted_downlink_in_its_header(tmp_path, capsys, monkeypatch, restore_threads):
     monkeypatch.setenv("COLUMNS", "80")
-    assert main(["simulate", TINY, "--set", "federation.rounds=1", "--set", "downlink.budget=0.2", "--set",
-                 "downlink.bits=4", "--output", str(tmp_path)]) == 0
+    assert main(["simulate", TINY, "--set", "federation.rounds=1", "--set", "downlink.budget=0.1", "--set",
+                 "downlink.bits=2", "--output", str(tmp_path)]) == 0
     header = " ".join(capsys.readouterr().out.split("round ")[0].split())
-    assert "up top-k 10%, 8-bit, down 20% budget, 4-bit" in header
+    assert "up top-k 10%, 8-bit, down 10% budget, 2-bit" in header
 
 
 @pytest.mark.parametrize("override, named", [

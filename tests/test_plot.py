@@ -20,8 +20,9 @@ def test_a_run_is_labelled_by_what_it_sends_and_trains():
     assert run_label(load_config(None)) == "top-k 1%, 8-bit; LoRA"
     assert run_label(load_config(None, ["codec.name=identity", "model.trainable=head"])) == "dense fp32; head only"
     assert run_label(load_config(None, ["codec.bits=1", "codec.density=0.001"])) == "top-k 0.1%, signs; LoRA"
-    assert run_label(load_config(None, ["downlink.budget=0.1", "downlink.bits=4", "model.lora.train_a=false"])) == \
-        "top-k 1%, 8-bit; down 10% budget, 4-bit; LoRA, B only"
+    assert run_label(load_config(None, ["downlink.budget=0.1", "downlink.bits=8", "model.lora.train_a=false"])) == \
+        "top-k 1%, 8-bit; down 10% budget, 8-bit; LoRA, B only"
+    assert run_label(load_config(None, ["downlink.budget=1"])) == "top-k 1%, 8-bit; down no budget; LoRA"
     assert run_label(load_config(None, ["downlink.name=identity"])) == "top-k 1%, 8-bit; down dense fp32; LoRA"
     fitted = ["codec.fit_deadline=true", "codec.density=1", "simulation.devices=simulations/configs/devices-phones.yaml",
               "simulation.deadline_seconds=3"]
