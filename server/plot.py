@@ -34,7 +34,7 @@ def codec_label(codec: CodecConfig) -> str:
 
 
 def downlink_label(downlink: DownlinkConfig) -> str:
-    """How the downlink differs from its default, as a person says it: "down 10% budget, 4-bit" ("": default)."""
+    """How the downlink differs from its default, as a person says it: "down 10% budget, 8-bit" ("": default)."""
     if downlink.name == "identity":
         return "down dense fp32"
     budget = "no budget" if downlink.budget == 1 else f"{downlink.budget * 100:g}% budget"

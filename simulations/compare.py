@@ -42,10 +42,10 @@ from pollen.config import (Config, ConfigError, differences, from_dict, load_con
                            run_config_of, to_dict, with_overrides)
 from pollen.run_folder import RoundRecord, RunFolder  # noqa: E402
 from pollen.server.plot import codec_label, cumulative_mb, log_scale_if_wide  # noqa: E402
-from pollen.wording import byte_size  # noqa: E402
 from pollen.simulations.run import simulate  # noqa: E402
 from pollen.strategies import check_strategy  # noqa: E402
 from pollen.tensorboard_log import require_tensorboard  # noqa: E402
+from pollen.wording import byte_size, counted  # noqa: E402
 
 KEYS = ("run", "set", "seeds", "target_accuracy", "output_dir", "variants")
 FILES = ("table.txt", "summary.csv", "rounds.csv", "accuracy_by_round.png", "accuracy_by_mb.png", "report.html")
@@ -304,7 +304,7 @@ def plot_curves(path: Path, results: list[RunResult], labels: list[str], by_mb: 
     seeds = len({r.seed for r in results})
     axis.set(xlabel="cumulative uplink + downlink MB on the wire" if by_mb else "round",
              ylabel="central test accuracy",
-             title=f"{'Accuracy by traffic' if by_mb else 'Accuracy by round'}: mean of {seeds} seeds, "
+             title=f"{'Accuracy by traffic' if by_mb else 'Accuracy by round'}: mean of {counted(seeds, 'seed')}, "
                    "band ±1 std")
     if by_mb:
         log_scale_if_wide(axis, spans)

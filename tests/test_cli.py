@@ -26,8 +26,9 @@ def test_simulate_writes_record_plot_and_checkpoint(tmp_path, capsys, monkeypatc
     assert "\x1b" not in out
     assert {p.name for p in tmp_path.iterdir()} >= {"rounds.jsonl", "accuracy.png", "checkpoint.pt", "config.yaml"}
     assert len((tmp_path / "rounds.jsonl").read_text().splitlines()) == 2
-    assert "down no budget, 8-bit" in " ".join(out.split("round ")[0].split())  # tiny.yaml's, not the default
-    assert ", 1 round, up" in " ".join(out.split("round ")[0].split())
+    header = " ".join(out.split("round ")[0].split())
+    assert "down no budget, 8-bit" in header  # tiny.yaml's, not the default
+    assert ", 1 round, up" in header
 
 
 def test_simulate_names_a_budgeted_downlink_in_its_header(tmp_path, capsys, monkeypatch, restore_threads):

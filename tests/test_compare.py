@@ -45,6 +45,7 @@ def test_compare_writes_table_csv_and_plots(tmp_path, capsys, restore_threads):
     assert main(["compare", str(write(tmp_path, TWO_STRATEGIES)), "--output", str(out), "--threads", "1"]) == 0
     printed = capsys.readouterr().out
     assert "fedadam-dense" in printed and "±" in printed and str(out) in printed
+    assert "pollen compare: 2 variants x 2 seeds, 2 rounds each" in " ".join(printed.split())
     assert all((out / name).stat().st_size > 0 for name in FILES)
     assert (out / "accuracy_by_round.png").read_bytes()[:4] == b"\x89PNG"
     assert "to target" in (out / "table.txt").read_text()

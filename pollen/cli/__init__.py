@@ -145,7 +145,7 @@ def compare_command(path: str, output: str | None, threads: int | None = None, c
     compare = load_compare(path, {"tensorboard": True} if tensorboard else None)
     use_threads(threads, compare.base)
     console = console or Console()
-    print_wrapped(console, f"pollen compare: {len(compare.variants)} variants x {len(compare.seeds)} seeds, "
+    print_wrapped(console, f"pollen compare: {counted(len(compare.variants), 'variant')} x {counted(len(compare.seeds), 'seed')}, "
                            f"{counted(compare.base.federation.rounds, 'round')} each, target accuracy {compare.target_accuracy}")
     report = run_compare(compare, Path(output) if output else None,
                          on_run=lambda line: print_wrapped(console, line))
