@@ -115,6 +115,16 @@ def test_the_example_tune_config_loads():
     assert isinstance(optuna.samplers.TPESampler(), optuna.samplers.BaseSampler)
 
 
+def test_the_default_task_tune_config_searches_the_built_in_default():
+    from pollen.config import Config
+
+    tune = load_tune("simulations/configs/tune-default.yaml")
+    assert tune.base == Config()  # no `run:`: the run `pollen simulate` makes with no config
+    assert {p.key for p in tune.space} == {"train.lr", "train.local_epochs", "federation.server_momentum",
+                                          "federation.server_decay"}
+    assert tune.warmup_rounds < tune.base.federation.rounds
+
+
 def test_the_cli_runs_a_study_and_a_second_call_carries_it_on(tmp_path, capsys):
     from pollen.cli import main
 
