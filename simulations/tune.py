@@ -57,6 +57,7 @@ from pollen.run_folder import RoundRecord, RunFolder  # noqa: E402
 from pollen.server.plot import log_scale_if_wide  # noqa: E402
 from pollen.simulations.compare import base_run, overridden  # noqa: E402
 from pollen.simulations.run import simulate  # noqa: E402
+from pollen.simulations.report import print_whole  # noqa: E402
 from pollen.strategies import check_strategy  # noqa: E402
 
 MB = 1e6
@@ -327,8 +328,8 @@ def write_report(tune: TuneConfig, folder: Path, study: optuna.Study) -> TuneRep
     best = best_trial(tune, study)
     table = trials_table(tune, trials, best)
     buffer = io.StringIO()
-    Console(file=buffer, width=100, no_color=True).print(table)
-    (folder / "table.txt").write_text("\n".join(line.rstrip() for line in buffer.getvalue().splitlines()) + "\n")
+    print_whole(Console(file=buffer, no_color=True), table)
+    (folder / "table.txt").write_text(buffer.getvalue())
     if best is not None:
         save_config(overridden(tune.base, best.params, "best"), folder / "best.yaml")
     plot_objective(tune, trials, folder / "objective_by_trial.png")
@@ -340,11 +341,11 @@ def trials_table(tune: TuneConfig, trials: list[optuna.trial.FrozenTrial],
                  best: optuna.trial.FrozenTrial | None) -> Table:
     limit = f"; MB limit {tune.max_total_mb:g}" if tune.max_total_mb is not None else ""
     table = Table(title=f"pollen tune: {tune.objective} central accuracy{limit}; * best",
-                  title_justify="left", box=box.SIMPLE_HEAD)
+                  title_justify="left", box=box.SIMPLE_HEAD, collapse_padding=True, show_edge=False)
     for column in ("trial", "state", "acc", "MB", "rounds"):
         table.add_column(column, justify="left" if column == "state" else "right", no_wrap=True)
-    for param in tune.space:
-        table.add_column(param.key.rsplit(".", 1)[-1], justify="right", no_wrap=True)
+    for param in tune.space:  # "local\nepochs": a header a word per line keeps the table within 80 columns
+        table.add_column(param.key.rsplit(".", 1)[-1].replace("_", "\n"), justify="right", no_wrap=True)
     for t in trials:
         a = t.user_attrs
         table.add_row(f"{t.number}{'*' if best is not None and t.number == best.number else ''}",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import optuna
 import pytest
 import yaml
@@ -42,7 +44,8 @@ def test_a_study_runs_its_budget_writes_the_report_and_best_yaml_runs_as_is(tmp_
     assert best.federation.rounds == 3  # the base's overrides are kept
     rows = (tmp_path / "out" / "trials.csv").read_text().splitlines()
     assert len(rows) == 4 and rows[0].startswith("trial,state,objective")
-    assert all(len(line) <= 100 and line == line.rstrip() for line in (tmp_path / "out" / "table.txt").read_text().splitlines())
+    table = (tmp_path / "out" / "table.txt").read_text()
+    assert "…" not in table and all(len(line) <= 80 and line == line.rstrip() for line in table.splitlines())
 
 
 def test_a_rerun_carries_on_the_stored_study_up_to_the_new_budget(tmp_path):
@@ -123,6 +126,27 @@ def test_the_default_task_tune_config_searches_the_built_in_default():
     assert {p.key for p in tune.space} == {"train.lr", "train.local_epochs", "federation.server_momentum",
                                           "federation.server_decay"}
     assert tune.warmup_rounds < tune.base.federation.rounds
+
+
+def test_the_trials_table_of_the_default_task_study_fits_80_columns_with_every_header_whole():
+    from rich.console import Console
+
+    from pollen.simulations.tune import trials_table
+
+    tune = load_tune("simulations/configs/tune-default.yaml")
+    study = optuna.create_study(direction="maximize")
+    for number in range(3):
+        trial = study.ask()
+        for param in tune.space:
+            param.suggest(trial)
+        trial.set_user_attr("total_mb", 7.5)
+        trial.set_user_attr("rounds", 20)
+        study.tell(trial, 0.95 + number / 1000)
+    buffer = io.StringIO()
+    Console(file=buffer, width=80, color_system=None).print(trials_table(tune, study.trials, study.best_trial))
+    text = buffer.getvalue()
+    assert "…" not in text and "momentum" in text and "epochs" in text and "decay" in text
+    assert f"{study.best_trial.number}*" in text
 
 
 def test_the_cli_runs_a_study_and_a_second_call_carries_it_on(tmp_path, capsys):
