@@ -36,8 +36,7 @@ from pollen.config import load_config
 from pollen.data import load_dataset, num_classes
 from pollen.metrics import evaluate
 from pollen.models import build_model, resident_bytes
-from pollen.run_folder import RunFolder
-from pollen.run_folder import round_trip_ratio
+from pollen.run_folder import RunFolder, final_record, round_trip_ratio
 from pollen.simulations.run import simulate
 
 
@@ -52,8 +51,8 @@ def federated(config, label: str) -> dict:
     down = sum(r.downlink_bytes for r in rounds)
     return {
         "label": label,
-        "final_accuracy": records[-1].accuracy,
-        "final_macro_f1": records[-1].f1,
+        "final_accuracy": final_record(records).accuracy,  # under early stopping, the kept round's model
+        "final_macro_f1": final_record(records).f1,
         "best_accuracy": max(r.accuracy for r in records),
         "last_3_rounds_mean_accuracy": round(sum(r.accuracy for r in records[-3:]) / 3, 4),
         "accuracy_by_round": [round(r.accuracy, 4) for r in records],

@@ -71,9 +71,17 @@ class RoundRecord:
     step_refused: str | None = None
     lr: float | None = None  # the clients' learning rate this round (train.lr_schedule)
     early_stop: str | None = None  # why the run stopped here, and which round's model it kept
+    kept_round: int | None = None  # with early_stop: the round whose model the run ends with
     # Federated evaluation's spread over the clients asked: worst, 10th percentile, mean accuracy.
     federated_spread: dict | None = None
     epsilon: float | None = None  # privacy spent by each client so far, at privacy.delta (privacy.* set)
+
+
+def final_record(records: list[RoundRecord]) -> RoundRecord:
+    """The record of the model the run ends with: the last round's, or under early stopping
+    the kept round's (the checkpoint and ``pollen export`` hold that model, not the last)."""
+    kept = records[-1].kept_round
+    return next((r for r in records if r.round == kept), records[-1]) if kept is not None else records[-1]
 
 
 def round_trip_ratio(records: list[RoundRecord]) -> float | None:

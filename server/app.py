@@ -102,8 +102,9 @@ def run_federation(grid: Grid, config: Config, folder: RunFolder,
             # Evaluate, record; stop early with the best round's model; checkpoint.
             record = record_round(server_round, state, outcome, model, test_split, started, round_started,
                                   round_fields)
+            early_stop = stopper.after(server_round, record.accuracy, state.arrays)
             record = dataclasses.replace(record, lr=lr, epsilon=epsilon(config.privacy, config.federation, server_round),
-                                         early_stop=stopper.after(server_round, record.accuracy, state.arrays))
+                                         early_stop=early_stop, kept_round=stopper.best_round if early_stop else None)
             if record.early_stop:
                 state.arrays = stopper.best_arrays
             records.append(record)

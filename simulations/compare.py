@@ -40,7 +40,7 @@ from rich.table import Table  # noqa: E402
 
 from pollen.config import (Config, ConfigError, differences, from_dict, load_config, read_mapping,  # noqa: E402
                            run_config_of, to_dict, with_overrides)
-from pollen.run_folder import RoundRecord, RunFolder  # noqa: E402
+from pollen.run_folder import RoundRecord, RunFolder, final_record  # noqa: E402
 from pollen.server.plot import codec_label, cumulative_mb, log_scale_if_wide  # noqa: E402
 from pollen.simulations.run import simulate  # noqa: E402
 from pollen.strategies import check_strategy  # noqa: E402
@@ -171,7 +171,7 @@ def run_compare(compare: CompareConfig, folder: Path | None = None,
             result = RunResult(label, seed, records, time.perf_counter() - started)
             results.append(result)
             if on_run:
-                on_run(f"{label} seed {seed}: final accuracy {records[-1].accuracy:.4f}, "
+                on_run(f"{label} seed {seed}: final accuracy {final_record(records).accuracy:.4f}, "
                        f"{byte_size(result.cumulative_mb()[-1] * 1e6)}, {result.wall_seconds:.1f} s")
     summaries = [summarize(label, config, [r for r in results if r.variant == label], compare.target_accuracy)
                  for label, config in compare.variants]
@@ -181,7 +181,7 @@ def run_compare(compare: CompareConfig, folder: Path | None = None,
 
 
 def summarize(label: str, config: Config, results: list[RunResult], target: float) -> VariantSummary:
-    finals = np.array([r.records[-1].accuracy for r in results])
+    finals = np.array([final_record(r.records).accuracy for r in results])
     reached = [(r.round_to_target(target), r) for r in results]
     reached = [(rnd, r) for rnd, r in reached if rnd is not None]
     return VariantSummary(

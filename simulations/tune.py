@@ -53,7 +53,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from pollen.config import Config, ConfigError, read_mapping, save_config  # noqa: E402
-from pollen.run_folder import RoundRecord, RunFolder  # noqa: E402
+from pollen.run_folder import RoundRecord, RunFolder, final_record  # noqa: E402
 from pollen.server.plot import log_scale_if_wide  # noqa: E402
 from pollen.simulations.compare import base_run, overridden  # noqa: E402
 from pollen.simulations.run import simulate  # noqa: E402
@@ -272,9 +272,11 @@ def run_trial(tune: TuneConfig, folder: Path, trial: optuna.Trial) -> float:
             limit_bytes(tune, trial, total_bytes)
             raise optuna.TrialPruned(f"round {record.round}: accuracy {record.accuracy:.4f}")
 
-    simulate(config, RunFolder(folder / "runs" / f"trial-{trial.number}"), on_round)
+    _, records = simulate(config, RunFolder(folder / "runs" / f"trial-{trial.number}"), on_round)
     limit_bytes(tune, trial, total_bytes)
-    return accuracies[-1] if tune.objective == "final" else max(accuracies)
+    final = final_record(records).accuracy  # early stopping ends the run with its kept round's model
+    trial.set_user_attr("final_accuracy", final)
+    return final if tune.objective == "final" else max(accuracies)
 
 
 def limit_bytes(tune: TuneConfig, trial: optuna.Trial, total_bytes: int) -> None:

@@ -11,7 +11,7 @@ from flwr.app import Array, ArrayRecord
 
 import pollen.client.app as client_app
 from pollen.config import ConfigError, EarlyStopping, TrainConfig, load_config
-from pollen.run_folder import RunFolder
+from pollen.run_folder import RunFolder, final_record
 from pollen.schedules import learning_rate
 from pollen.server.checkpoint import load_arrays
 from pollen.server.early_stopping import EarlyStop
@@ -65,11 +65,39 @@ def test_a_stopped_run_says_so_and_its_checkpoint_holds_the_best_rounds_model(tm
     _, records = simulate(config, folder)
     assert len(records) < 9 and records[-1].early_stop and "kept round" in records[-1].early_stop
     best_round = int(records[-1].early_stop.split("kept round ")[1].split("'")[0])
+    assert records[-1].kept_round == best_round and folder.records()[-1].kept_round == best_round
+    assert final_record(records) is records[best_round]  # the model the run ends with, not the last round's
     saved = load_arrays(folder.checkpoint)
     assert all(np.array_equal(saved[name], kept[best_round][name]) for name in saved)
     report = json.loads(folder.classes.read_text())
     assert len(report["confusion"]) == 10 and sum(map(sum, report["confusion"])) == 200
     assert folder.confusion.stat().st_size > 1000
+
+
+def test_simulates_last_line_gives_the_kept_models_accuracy_after_an_early_stop(tmp_path, capsys):
+    from pollen.cli import main
+
+    # Patience 1 and an unreachable gain: the run stops after round 1 and keeps round 0's model.
+    args = ["simulate", TINY, "--output", str(tmp_path / "run"), "--threads", "1",
+            *[f"--set={o}" for o in (*SMALL, "federation.rounds=5", "federation.early_stopping.patience=1",
+                                     "federation.early_stopping.min_delta=1")]]
+    assert main(args) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    start = RunFolder(tmp_path / "run").records()[0]
+    assert f"final accuracy {start.accuracy:.4f}, macro F1 {start.f1:.4f} (round 0's model, kept by early stopping)" in printed
+
+
+def test_without_early_stopping_the_final_record_is_the_last_rounds():
+    import dataclasses
+
+    from pollen.run_folder import RoundRecord
+
+    required = [f.name for f in dataclasses.fields(RoundRecord) if f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING]
+    records = [RoundRecord(**{**dict.fromkeys(required, 0), "round": r, "accuracy": 1.0 - r / 10}) for r in range(3)]
+    assert final_record(records) is records[-1]  # the last round's, though an earlier one scored higher
+    stopped = [*records[:2], dataclasses.replace(records[2], early_stop="...", kept_round=0)]
+    assert final_record(stopped) is stopped[0]
 
 
 @pytest.mark.parametrize("settings, expected", [

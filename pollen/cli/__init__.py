@@ -187,7 +187,7 @@ def simulate_command(config, folder, threads: int | None = None, resume: bool = 
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from pollen.run_folder import RunFolder
+    from pollen.run_folder import RunFolder, final_record
     from pollen.simulations.report import (RoundLines, print_whole, print_wrapped, round_line,
                                            round_table, traffic_summary)
     from pollen.server.plot import codec_label, downlink_label
@@ -229,9 +229,10 @@ def simulate_command(config, folder, threads: int | None = None, resume: bool = 
         print_wrapped(console, "stopped before the first evaluation; nothing was written")
         return 130
     print_whole(console, round_table(records, title="Per-round results", width=console.width))
-    final = records[-1]
-    print_wrapped(console, f"final accuracy {final.accuracy:.4f}, macro F1 {final.f1:.4f}, "
-                           f"{traffic_summary(records)}, {final.wall_seconds:.0f} s"
+    final, kept = records[-1], final_record(records)
+    print_wrapped(console, f"final accuracy {kept.accuracy:.4f}, macro F1 {kept.f1:.4f}"
+                           + ("" if kept is final else f" (round {kept.round}'s model, kept by early stopping)")
+                           + f", {traffic_summary(records)}, {final.wall_seconds:.0f} s"
                            + ("" if final.simulated_seconds is None
                               else f", {final.simulated_seconds / 60:.1f} min of simulated device time"))
     print_wrapped(console, f"run record, plot and checkpoint: {folder} "
