@@ -3,6 +3,7 @@
     python benchmarks/codec.py                 # wire + speed (about a minute)
     python benchmarks/codec.py --federation    # + default federation per setting (long)
     python benchmarks/codec.py --federation --set federation.rounds=10
+    python benchmarks/codec.py --payloads      # + what lossless coding could still save (a default run)
 
 Prints one JSON object:
   wire        per setting and update size: bits/param on the wire (Flower's serialized
@@ -12,7 +13,13 @@ Prints one JSON object:
   epoch       one local epoch of the default task vs encoding + decoding its update;
   federation  per setting: final accuracy, its gap to the dense run in points, and
               uplink/downlink MB until the run first reached the target accuracy
-              (``--target`` x the dense run's final accuracy).
+              (``--target`` x the dense run's final accuracy);
+  payloads    every top-k payload one federation sends (``--set`` applies), per
+              direction: bytes of its value fields and of its Rice-coded index gaps
+              against their order-0 empirical entropy (a lower bound for a coder
+              that treats symbols independently, the cost of its table left out) and
+              against LZMA (xz's raw stream, preset 9e) of one byte per value level;
+              and the run's round trip vs dense if both streams reached that entropy.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import lzma
 import math
 import os
 import sys
@@ -30,10 +38,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from flwr.app import ArrayRecord
 
+from pollen.bits import best_rice_parameter, packed_size, rice_encode, unpack
 from pollen.client.app import local_data
 from pollen.client.training import train_locally
-from pollen.codec import Identity, TopK, decode, encode, layout_of, wire_bytes
+from pollen.codec import Identity, TopK, TOPK_STYPE, codec_of, decode, decode_sparse, encode, layout_of, wire_bytes
 from pollen.config import load_config
 from pollen.data import num_classes
 from pollen.models import initial_arrays, load_model
@@ -162,9 +172,86 @@ def federation(config_overrides: list[str], target: float, runs: list[str]) -> d
     return out
 
 
+def order0_entropy_bytes(symbols: np.ndarray) -> float:
+    """Bytes of ``symbols`` coded at their own empirical distribution (no table)."""
+    if symbols.size == 0:
+        return 0.0
+    counts = np.unique(symbols, return_counts=True)[1]
+    share = counts / symbols.size
+    return float(-(counts * np.log2(share)).sum() / 8)
+
+
+def payload_streams(array, layout) -> dict:
+    """Bytes of one top-k payload's value and index streams, as sent and at their bounds."""
+    codec = codec_of(array)
+    indices, _ = decode_sparse(ArrayRecord({"update": array}), layout, codec)
+    blob, kept = bytes(array.data), indices.size
+    value_bytes = packed_size(kept * codec.bits)
+    levels = unpack(blob[len(blob) - 4 - value_bytes:len(blob) - 4], kept, codec.bits)
+    size = sum(math.prod(shape) for shape in layout.values())
+    gaps = np.diff(indices, prepend=-1) - 1
+    index_bytes = 0 if kept == size else sum(map(len, rice_encode(gaps, best_rice_parameter(gaps))))
+    raw_lzma = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
+    return {
+        "blob": len(blob), "values": value_bytes, "values_entropy": order0_entropy_bytes(levels),
+        "values_lzma": len(lzma.compress(levels.astype(np.uint8).tobytes(), format=lzma.FORMAT_RAW, filters=raw_lzma)),
+        "index": index_bytes, "index_entropy": 0.0 if kept == size else order0_entropy_bytes(gaps),
+    }
+
+
+def payload_headroom(config) -> dict:
+    """One federation's payloads, both ways, against what a lossless coder could make of them."""
+    from pollen.run_folder import RunFolder, round_trip_ratio
+    from pollen.server import uplink
+    from pollen.simulations.run import simulate
+
+    sent = {"uplink": [], "downlink": []}
+    sending = [False]
+    count_sent, counted = uplink.RoundTraffic.count_sent, uplink.wire_bytes
+
+    def wire_bytes_seen(record):  # every record the round's traffic counts, as it counts it
+        sent["downlink" if sending[0] else "uplink"].append(record)
+        return counted(record)
+
+    def count_sent_seen(self, messages):
+        sending[0] = True
+        try:
+            count_sent(self, messages)
+        finally:
+            sending[0] = False
+
+    uplink.wire_bytes, uplink.RoundTraffic.count_sent = wire_bytes_seen, count_sent_seen
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            _, records = simulate(config, RunFolder(folder))
+    finally:
+        uplink.wire_bytes, uplink.RoundTraffic.count_sent = counted, count_sent
+    layout = layout_of(initial_arrays(config.model, num_classes(config.data), config.seed))
+    out = {"rounds": len(records) - 1, "final_accuracy": records[-1].accuracy}
+    saved_total = 0.0
+    for direction, wire_records in sent.items():
+        streams = [payload_streams(array, layout) for record in wire_records
+                   for array in record.values() if array.stype == TOPK_STYPE]
+        total = {key: sum(s[key] for s in streams) for key in streams[0]} if streams else {}
+        wire = sum(counted(record) for record in wire_records)
+        saved = (total["values"] - min(total["values_entropy"], total["values_lzma"])
+                 + total["index"] - total["index_entropy"]) if streams else 0.0
+        saved_total += saved
+        out[direction] = {"records": len(wire_records), "payloads": len(streams), "wire_bytes": wire,
+                          **{f"{key}_bytes": round(value) for key, value in total.items()},
+                          "lossless_saving_share_of_wire": round(saved / wire, 4) if wire else None}
+    now = round_trip_ratio(records[1:])
+    sent_bytes = sum(r.uplink_bytes + r.downlink_bytes for r in records[1:])
+    out["round_trip_ratio_vs_dense"] = now
+    out["round_trip_ratio_at_entropy"] = now * sent_bytes / (sent_bytes - saved_total) if now else None
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--federation", action="store_true", help="also run the default federation per setting")
+    parser.add_argument("--payloads", action="store_true",
+                        help="also run one federation and measure its payloads' coding headroom")
     parser.add_argument("--target", type=float, default=0.95, help="share of the dense run's final accuracy")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--runs", nargs="*", choices=list(RUNS), default=list(RUNS),
@@ -185,6 +272,8 @@ def main() -> None:
     }
     if args.federation:
         result["federation"] = federation(args.overrides, args.target, args.runs)
+    if args.payloads:
+        result["payloads"] = payload_headroom(config)
     json.dump(result, sys.stdout, indent=1)
     print()
 

@@ -69,7 +69,7 @@ _MODEL_SCOPE, _DENSE = 1, 2  # header flags
 Layout = Mapping[str, tuple[int, ...]]  # tensor name -> shape, in wire order
 
 __all__ = ["CodecError", "Identity", "TopK", "Codec", "encode", "decode", "wire_bytes", "dense_wire_bytes",
-           "layout_of", "decode_sparse", "sealed"]
+           "layout_of", "decode_sparse", "codec_of", "sealed"]
 
 
 @dataclass(frozen=True)
@@ -246,6 +246,26 @@ def decode_sparse(record: ArrayRecord, layout: Layout, codec: Codec) -> tuple[np
     if array.stype != TOPK_STYPE or array.dtype != "uint8":
         raise CodecError(f"expected a {TOPK_STYPE} uint8 blob, got {array.stype}/{array.dtype}")
     return _read_topk(ByteReader(_checked_body(array.data)), layout, codec)
+
+
+def codec_of(array: Array) -> TopK:
+    """The settings a top-k payload was encoded with (its header's bits, block and scope).
+
+    The density is given as 1, which admits any kept count, so ``decode_sparse(record,
+    layout, codec_of(record["update"]))`` reads a payload of unknown origin; the CRC-32
+    and every other check still apply.
+    """
+    if array.stype != TOPK_STYPE:
+        raise CodecError(f"expected a {TOPK_STYPE} blob, got {array.stype}")
+    reader = ByteReader(_checked_body(array.data))
+    reader.take(len(MAGIC) + 2, "magic, version and codec id")
+    bits, flags = reader.take(2, "bits and flags")
+    reader.varint("tensor count", 2**32)
+    reader.take(4, "layout checksum")
+    if not 1 <= bits <= 8:
+        raise CodecError(f"payload has {bits}-bit values")
+    return TopK(density=1.0, bits=bits, block=reader.varint("block", 2**40),
+                scope="model" if flags & _MODEL_SCOPE else "tensor")
 
 
 def sealed(body: bytes) -> bytes:

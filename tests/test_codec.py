@@ -11,6 +11,7 @@ from pollen.codec import (
     CodecError,
     Identity,
     TopK,
+    codec_of,
     decode,
     decode_sparse,
     dense_wire_bytes,
@@ -411,3 +412,23 @@ def test_entries_that_round_to_zero_cost_nothing(block):
     indices, values = decode_sparse(encode(update, codec), layout_of(update), codec)
     assert indices.tolist() == [0, 2, 5]  # 0.001 and -0.0002 are below half a level: not sent
     np.testing.assert_allclose(values, [1.0, 0.5, 0.25], atol=1 / 127)
+
+
+@pytest.mark.parametrize("codec", [TopK(density=0.1), TopK(density=0.05, bits=4, block=16, scope="model"),
+                                   TopK(density=1.0, bits=1)])
+def test_codec_of_reads_a_payloads_settings(codec):
+    record = encode(UPDATE, codec)
+    found = codec_of(record["update"])
+    assert (found.bits, found.block, found.scope) == (codec.bits, codec.block, codec.scope)
+    indices, values = decode_sparse(record, LAYOUT, found)
+    expected_indices, expected_values = decode_sparse(record, LAYOUT, codec)
+    assert np.array_equal(indices, expected_indices) and np.array_equal(values, expected_values)
+
+
+def test_codec_of_rejects_what_is_not_a_payload():
+    with pytest.raises(CodecError, match="expected a pollen.topk blob"):
+        codec_of(encode(UPDATE, Identity())["fc"])
+    blob = bytearray(encode(UPDATE, TopK())["update"].data)
+    blob[8] ^= 1
+    with pytest.raises(CodecError, match="CRC-32"):
+        codec_of(Array(dtype="uint8", shape=(len(blob),), stype="pollen.topk", data=bytes(blob)))
