@@ -181,20 +181,22 @@ def order0_entropy_bytes(symbols: np.ndarray) -> float:
     return float(-(counts * np.log2(share)).sum() / 8)
 
 
+RAW_LZMA = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]  # xz's stream without its container
+
+
 def payload_streams(array, layout) -> dict:
     """Bytes of one top-k payload's value and index streams, as sent and at their bounds."""
     codec = codec_of(array)
     indices, _ = decode_sparse(ArrayRecord({"update": array}), layout, codec)
     blob, kept = bytes(array.data), indices.size
     value_bytes = packed_size(kept * codec.bits)
-    levels = unpack(blob[len(blob) - 4 - value_bytes:len(blob) - 4], kept, codec.bits)
+    levels = unpack(blob[len(blob) - 4 - value_bytes:len(blob) - 4], kept, codec.bits)  # before the CRC-32
     size = sum(math.prod(shape) for shape in layout.values())
     gaps = np.diff(indices, prepend=-1) - 1
     index_bytes = 0 if kept == size else sum(map(len, rice_encode(gaps, best_rice_parameter(gaps))))
-    raw_lzma = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
     return {
         "blob": len(blob), "values": value_bytes, "values_entropy": order0_entropy_bytes(levels),
-        "values_lzma": len(lzma.compress(levels.astype(np.uint8).tobytes(), format=lzma.FORMAT_RAW, filters=raw_lzma)),
+        "values_lzma": len(lzma.compress(levels.astype(np.uint8).tobytes(), format=lzma.FORMAT_RAW, filters=RAW_LZMA)),
         "index": index_bytes, "index_entropy": 0.0 if kept == size else order0_entropy_bytes(gaps),
     }
 
@@ -206,19 +208,20 @@ def payload_headroom(config) -> dict:
     from pollen.simulations.run import simulate
 
     sent = {"uplink": [], "downlink": []}
-    sending = [False]
+    sending = False
     count_sent, counted = uplink.RoundTraffic.count_sent, uplink.wire_bytes
 
     def wire_bytes_seen(record):  # every record the round's traffic counts, as it counts it
-        sent["downlink" if sending[0] else "uplink"].append(record)
+        sent["downlink" if sending else "uplink"].append(record)
         return counted(record)
 
     def count_sent_seen(self, messages):
-        sending[0] = True
+        nonlocal sending
+        sending = True
         try:
             count_sent(self, messages)
         finally:
-            sending[0] = False
+            sending = False
 
     uplink.wire_bytes, uplink.RoundTraffic.count_sent = wire_bytes_seen, count_sent_seen
     try:
@@ -227,21 +230,24 @@ def payload_headroom(config) -> dict:
     finally:
         uplink.wire_bytes, uplink.RoundTraffic.count_sent = counted, count_sent
     layout = layout_of(initial_arrays(config.model, num_classes(config.data), config.seed))
-    out = {"rounds": len(records) - 1, "final_accuracy": records[-1].accuracy}
+    rounds = records[1:]
+    out = {"rounds": len(rounds), "final_accuracy": records[-1].accuracy}
+    wire_bytes_by_direction = {"uplink": sum(r.uplink_bytes for r in rounds),
+                               "downlink": sum(r.downlink_bytes for r in rounds)}
     saved_total = 0.0
     for direction, wire_records in sent.items():
         streams = [payload_streams(array, layout) for record in wire_records
                    for array in record.values() if array.stype == TOPK_STYPE]
         total = {key: sum(s[key] for s in streams) for key in streams[0]} if streams else {}
-        wire = sum(counted(record) for record in wire_records)
+        wire = wire_bytes_by_direction[direction]
         saved = (total["values"] - min(total["values_entropy"], total["values_lzma"])
                  + total["index"] - total["index_entropy"]) if streams else 0.0
         saved_total += saved
         out[direction] = {"records": len(wire_records), "payloads": len(streams), "wire_bytes": wire,
                           **{f"{key}_bytes": round(value) for key, value in total.items()},
                           "lossless_saving_share_of_wire": round(saved / wire, 4) if wire else None}
-    now = round_trip_ratio(records[1:])
-    sent_bytes = sum(r.uplink_bytes + r.downlink_bytes for r in records[1:])
+    now = round_trip_ratio(rounds)
+    sent_bytes = sum(wire_bytes_by_direction.values())
     out["round_trip_ratio_vs_dense"] = now
     out["round_trip_ratio_at_entropy"] = now * sent_bytes / (sent_bytes - saved_total) if now else None
     return out
